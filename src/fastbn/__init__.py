@@ -1,0 +1,13 @@
+"""fastbn: fast, accurate batch normalization on the CPU.
+
+``forward`` and ``backward`` run fused, parallel Numba kernels; :mod:`fastbn.reference` is their
+plain NumPy twin (float64 inside). Importing fastbn does not import Numba: the kernels load,
+and compile or come from the on-disk cache, on the first call.
+"""
+from . import reference
+from ._common import BackwardResult, ForwardResult
+from .api import available_backends, backward, forward
+
+__version__ = "0.1.0"
+__all__ = ["forward", "backward", "available_backends", "ForwardResult", "BackwardResult",
+           "reference", "__version__"]

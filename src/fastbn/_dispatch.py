@@ -1,0 +1,219 @@
+"""Backend choice, the (A, C, B) view of x, and the calls into the kernels.
+
+Arguments arrive here already validated (:mod:`fastbn._validate`). This module decides:
+- the backend: the ``backend`` argument, else ``$FASTBN_BACKEND``, else the fastest available;
+- the view: x's axes are ordered as (axes with stride larger than the feature axis's, feature,
+  the others) and folded into ``(A, C, B)`` without a copy. Only an input whose outer or inner
+  axes cannot be merged into one strided axis each (say ``x[:, :, ::2, :]`` of an NCHW array) is
+  copied once, into that order; outputs are allocated in x's own memory order;
+- the kernel family (feature-outer when B > 1, feature-inner when B == 1), and whether to run
+  the parallel or the serial twin (small arrays do not pay for waking threads).
+"""
+import importlib.util
+import math
+import os
+
+import numpy as np
+
+from . import reference
+from ._common import BackwardResult, ForwardResult, stats_dtype, update_running_stats
+
+BACKEND_ENV = "FASTBN_BACKEND"
+#: Below this many bytes of x a kernel runs serially: waking the thread pool costs more.
+PARALLEL_MIN_BYTES = 256 * 1024
+
+_available = None
+
+
+def available_backends():
+    """Names of the backends that can run here, fastest first."""
+    global _available
+    if _available is None:
+        names = []
+        if importlib.util.find_spec("numba") is not None:
+            names.append("numba")
+        names.append("reference")
+        _available = tuple(names)
+    return _available
+
+
+def resolve_backend(backend):
+    """The backend to use: the argument, else $FASTBN_BACKEND, else the fastest available."""
+    if backend is None:
+        backend = os.environ.get(BACKEND_ENV) or None
+        if backend is not None and backend not in ("numba", "reference"):
+            raise ValueError(f"{BACKEND_ENV} must name a backend of {available_backends()}, "
+                             f"got {backend!r}")
+    if backend is None:
+        return available_backends()[0]
+    if backend not in available_backends():
+        raise ValueError(f"backend {backend!r} is not available here; available: "
+                         f"{available_backends()}")
+    return backend
+
+
+# --- the (A, C, B) view ------------------------------------------------------------------------
+
+def fold_plan(x, axis):
+    """Order of x's axes, (A axes..., feature, B axes...), and the folded shape (A, C, B)."""
+    shape, strides = x.shape, x.strides
+    C = shape[axis]
+    others = [i for i in range(x.ndim) if i != axis]
+    trivial = [i for i in others if shape[i] <= 1]
+    # By decreasing |stride|, so that C-, F- and channels-last orders all fold without a copy.
+    sized = sorted((i for i in others if shape[i] > 1), key=lambda i: -abs(strides[i]))
+    if C > 1:
+        outer = [i for i in sized if abs(strides[i]) > abs(strides[axis])]
+        inner = [i for i in sized if abs(strides[i]) <= abs(strides[axis])]
+    else:
+        outer, inner = [], sized
+    perm = trivial + outer + [axis] + inner
+    A = math.prod(shape[i] for i in trivial + outer)
+    B = math.prod(shape[i] for i in inner)
+    return perm, (A, C, B)
+
+
+def _fold(arr, perm, shape3):
+    """arr as an (A, C, B) view, or None when that needs a copy."""
+    try:
+        return np.reshape(arr.transpose(perm), shape3, copy=False)
+    except ValueError:
+        return None
+
+
+def _input_view(arr, perm, shape3):
+    view = _fold(arr, perm, shape3)
+    if view is None:  # documented: the one case where an input is copied
+        view = np.ascontiguousarray(arr.transpose(perm)).reshape(shape3)
+    return view
+
+
+def _output_view(out, like, perm, shape3):
+    """(result array, its (A, C, B) view, whether the view is a temporary to copy into out)."""
+    if out is not None:
+        view = _fold(out, perm, shape3)
+        if view is not None:
+            return out, view, False
+    buf = np.empty([like.shape[i] for i in perm], dtype=like.dtype)
+    result = buf.transpose(np.argsort(perm))
+    return result, buf.reshape(shape3), out is not None
+
+
+# --- the Numba backend -------------------------------------------------------------------------
+
+_kernels = None
+_threadsafe_layer = False
+
+
+def _numba():
+    """The kernel module, imported on first use so that ``import fastbn`` stays light."""
+    global _kernels
+    if _kernels is None:
+        from . import _numba_kernels
+
+        _kernels = _numba_kernels
+    return _kernels
+
+
+def _launch(kern, nbytes, *args):
+    """Run the parallel twin for large arrays, the serial one for small ones."""
+    global _threadsafe_layer
+    import numba
+
+    if nbytes < PARALLEL_MIN_BYTES or numba.get_num_threads() == 1:
+        return kern.serial(*args)
+    if _threadsafe_layer:
+        return kern.parallel(*args)
+    # Until we know the active threading layer is thread-safe (it is not when a user forced
+    # "workqueue"), parallel launches are serialized.
+    with _numba()._launch_lock:
+        kern.parallel(*args)
+        _threadsafe_layer = numba.threading_layer() in ("tbb", "omp")
+
+
+def _chunks(A, nbytes):
+    import numba
+
+    if nbytes < PARALLEL_MIN_BYTES:
+        return 1
+    return max(1, min(A, numba.get_num_threads()))
+
+
+def _weight_bias(args, C):
+    weight = np.ones(C) if args.gamma is None else args.gamma
+    bias = np.zeros(C) if args.beta is None else args.beta
+    return weight, bias
+
+
+def numba_forward(args):
+    K = _numba()
+    x = args.x
+    perm, shape3 = fold_plan(x, args.axis)
+    A, C, B = shape3
+    x3 = _input_view(x, perm, shape3)
+    y, y3, copy_back = _output_view(args.out, x, perm, shape3)
+    weight, bias = _weight_bias(args, C)
+    coef = np.empty((4, C), dtype=x.dtype)
+    if args.training:
+        stats = np.empty((3, C))
+        if B == 1:
+            _launch(K.forward_train_inner, x.nbytes, x3[:, :, 0], y3[:, :, 0], weight, bias,
+                    args.eps, stats, coef, _chunks(A, x.nbytes))
+        else:
+            _launch(K.forward_train_outer, x.nbytes, x3, y3, weight, bias, args.eps, stats,
+                    coef)
+        mean, var, invstd = stats
+        update_running_stats(args, mean, var)
+    else:
+        mean = args.running_mean.astype(np.float64)
+        invstd = 1.0 / np.sqrt(args.running_var.astype(np.float64) + args.eps)
+        coef[0] = mean
+        coef[1] = mean - coef[0]
+        coef[2] = weight * invstd
+        coef[3] = bias
+        if B == 1:
+            _launch(K.normalize_inner, x.nbytes, x3[:, :, 0], y3[:, :, 0], coef)
+        else:
+            _launch(K.normalize_outer, x.nbytes, x3, y3, coef)
+    if copy_back:
+        np.copyto(args.out, y)
+        y = args.out
+    sdt = stats_dtype(x.dtype)
+    return ForwardResult(y, mean.astype(sdt), invstd.astype(sdt))
+
+
+def numba_backward(args):
+    K = _numba()
+    x = args.x
+    perm, shape3 = fold_plan(x, args.axis)
+    A, C, B = shape3
+    dx, dx3, copy_back = _output_view(args.out, x, perm, shape3)
+    grads = np.zeros((2, C))
+    if args.m > 0:  # eval mode allows an empty batch: dx is empty and the sums are zero
+        x3 = _input_view(x, perm, shape3)
+        dy3 = _input_view(args.dy, perm, shape3)
+        weight, _ = _weight_bias(args, C)
+        coef = np.empty((5, C), dtype=x.dtype)
+        common = (args.mean, args.mean_ulp, args.invstd, weight, args.training, grads, coef)
+        if B == 1:
+            _launch(K.backward_inner, x.nbytes, dy3[:, :, 0], x3[:, :, 0], dx3[:, :, 0],
+                    *common, _chunks(A, x.nbytes))
+        else:
+            _launch(K.backward_outer, x.nbytes, dy3, x3, dx3, *common)
+    if copy_back:
+        np.copyto(args.out, dx)
+        dx = args.out
+    sdt = stats_dtype(x.dtype)
+    return BackwardResult(dx, grads[0].astype(sdt), grads[1].astype(sdt))
+
+
+def forward(args):
+    if resolve_backend(args.backend) == "reference":
+        return reference.forward_checked(args)
+    return numba_forward(args)
+
+
+def backward(args):
+    if resolve_backend(args.backend) == "reference":
+        return reference.backward_checked(args)
+    return numba_backward(args)

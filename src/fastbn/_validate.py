@@ -1,0 +1,224 @@
+"""Every argument check of the public API, done once, in Python, before any kernel runs.
+
+The functions here only read their arguments: when one raises, nothing has been written
+(running statistics and ``out`` included). They return a small record of the resolved
+arguments that the backends consume; the backends never check anything themselves.
+
+Error policy (the messages name the argument):
+- TypeError: an argument of the wrong kind (not array-like, not floating, dy's dtype unlike x's).
+- ValueError: a wrong value (rank, axis, lengths, eps, momentum, too few values per feature,
+  missing running statistics in eval mode, a bad ``out``, unknown activation or backend).
+"""
+import math
+import numbers
+
+import numpy as np
+
+#: dtypes of x (and dy) the kernels take. Parameters and statistics may be any real floating dtype.
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+ACTIVATIONS = (None,)
+BACKENDS = ("numba", "reference")
+
+
+class ForwardArgs:
+    """The resolved arguments of one forward call."""
+
+    __slots__ = ("x", "axis", "C", "m", "gamma", "beta", "training", "running_mean",
+                 "running_var", "momentum", "eps", "activation", "out", "backend")
+
+
+class BackwardArgs:
+    """The resolved arguments of one backward call."""
+
+    __slots__ = ("dy", "x", "axis", "C", "m", "mean", "mean_ulp", "invstd", "gamma", "beta",
+                 "training",
+                 "activation", "out", "backend")
+
+
+def _float_array(value, name):
+    """x or dy as an ndarray of float32/float64 (lists are accepted, as NumPy does)."""
+    if isinstance(value, np.ndarray):
+        arr = value
+    else:
+        try:
+            arr = np.asarray(value)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name} must be array-like, got {type(value).__name__}") from exc
+    if arr.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {arr.dtype} "
+                        f"(convert it first, e.g. {name}.astype(np.float32))")
+    return arr
+
+
+def _axis(axis, ndim):
+    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+        raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
+    axis = int(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for x with {ndim} dimensions")
+    return axis % ndim
+
+
+def _vector(value, name, C):
+    """A per-feature parameter (gamma, beta, mean, invstd) as a float64 vector of length C."""
+    arr = value if isinstance(value, np.ndarray) else _asarray_or_type_error(value, name)
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating array, got dtype {arr.dtype}")
+    if arr.shape != (C,):
+        raise ValueError(f"{name} must have shape ({C},) to match x's feature axis, got {arr.shape}")
+    return arr.astype(np.float64, copy=False)
+
+
+def _asarray_or_type_error(value, name):
+    try:
+        return np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be array-like, got {type(value).__name__}") from exc
+
+
+def _flag(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _real(value, name):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _running(value, name, C):
+    """A running statistic: updated in place, so it must be a writable floating ndarray (C,)."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array (it is updated in place), "
+                        f"got {type(value).__name__}")
+    if value.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating array, got dtype {value.dtype}")
+    if value.shape != (C,):
+        raise ValueError(f"{name} must have shape ({C},) to match x's feature axis, "
+                         f"got {value.shape}")
+    return value
+
+
+def _values_per_feature(shape, axis):
+    return math.prod(n for i, n in enumerate(shape) if i != axis)
+
+
+def _backend(backend):
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be None or one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation
+
+
+def _out(out, like, name_like, allowed_aliases):
+    """out must be a writable ndarray shaped and typed like ``like``. It may be one of
+    ``allowed_aliases`` exactly (in-place use) but must not partly overlap any input."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise ValueError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.shape != like.shape:
+        raise ValueError(f"out must have {name_like}'s shape {like.shape}, got {out.shape}")
+    if out.dtype != like.dtype:
+        raise ValueError(f"out must have {name_like}'s dtype {like.dtype}, got {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError("out must be writable")
+    for arr in allowed_aliases:
+        if _same_view(out, arr):
+            continue
+        if np.may_share_memory(out, arr) and np.shares_memory(out, arr, max_work=10**6):
+            raise ValueError("out overlaps an input without being that very array; pass a "
+                             "separate array, or the input itself for in-place use")
+    return out
+
+
+def _same_view(a, b):
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.strides == b.strides and a.shape == b.shape)
+
+
+def forward_args(x, gamma, beta, axis, training, running_mean, running_var, momentum, eps,
+                 activation, out, backend):
+    """Check the arguments of :func:`fastbn.forward`; returns a :class:`ForwardArgs`."""
+    a = ForwardArgs()
+    a.x = x = _float_array(x, "x")
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch and features), got {x.ndim}")
+    a.axis = _axis(axis, x.ndim)
+    a.C = C = x.shape[a.axis]
+    a.m = _values_per_feature(x.shape, a.axis)
+    a.gamma = None if gamma is None else _vector(gamma, "gamma", C)
+    a.beta = None if beta is None else _vector(beta, "beta", C)
+    a.training = _flag(training, "training")
+    a.eps = _real(eps, "eps")
+    if a.eps <= 0.0:
+        raise ValueError(f"eps must be > 0, got {a.eps}")
+    a.momentum = _real(momentum, "momentum")
+    if not 0.0 <= a.momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {a.momentum}")
+    if (running_mean is None) != (running_var is None):
+        missing = "running_var" if running_var is None else "running_mean"
+        raise ValueError(f"running_mean and running_var go together: {missing} is missing")
+    a.running_mean = a.running_var = None
+    if running_mean is not None:
+        a.running_mean = _running(running_mean, "running_mean", C)
+        a.running_var = _running(running_var, "running_var", C)
+        if a.training:
+            for name, arr in (("running_mean", a.running_mean), ("running_var", a.running_var)):
+                if not arr.flags.writeable:
+                    raise ValueError(f"{name} must be writable: training updates it in place")
+            if np.may_share_memory(a.running_mean, a.running_var):
+                raise ValueError("running_mean and running_var must not share memory")
+    if a.training:
+        if a.m < 2:
+            raise ValueError(f"x: training needs at least 2 values per feature to estimate a "
+                             f"variance, got {a.m} (shape {x.shape}, axis {a.axis})")
+    elif a.running_mean is None:
+        raise ValueError("training=False normalizes with running_mean and running_var; "
+                         "pass both")
+    a.activation = _activation(activation)
+    a.backend = _backend(backend)
+    a.out = _out(out, x, "x", (x,))
+    return a
+
+
+def backward_args(dy, x, mean, invstd, gamma, beta, axis, training, activation, out, backend):
+    """Check the arguments of :func:`fastbn.backward`; returns a :class:`BackwardArgs`."""
+    a = BackwardArgs()
+    a.x = x = _float_array(x, "x")
+    a.dy = dy = _float_array(dy, "dy")
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions (batch and features), got {x.ndim}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
+    a.axis = _axis(axis, x.ndim)
+    a.C = C = x.shape[a.axis]
+    a.m = _values_per_feature(x.shape, a.axis)
+    mean = mean if isinstance(mean, np.ndarray) else _asarray_or_type_error(mean, "mean")
+    a.mean = _vector(mean, "mean", C)
+    a.invstd = _vector(invstd, "invstd", C)
+    # In training, backward refines `mean` to the float64 batch mean when the two agree to
+    # within one unit in the last place of mean's own dtype (see reference.backward).
+    a.mean_ulp = np.abs(np.spacing(mean)).astype(np.float64)
+    a.gamma = None if gamma is None else _vector(gamma, "gamma", C)
+    a.beta = None if beta is None else _vector(beta, "beta", C)
+    a.training = _flag(training, "training")
+    if a.training and a.m < 2:
+        raise ValueError(f"x: training needs at least 2 values per feature, got {a.m} "
+                         f"(shape {x.shape}, axis {a.axis})")
+    a.activation = _activation(activation)
+    a.backend = _backend(backend)
+    a.out = _out(out, x, "x", (dy, x))
+    return a

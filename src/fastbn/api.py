@@ -1,0 +1,145 @@
+"""The public functions: signatures and documentation, nothing else.
+
+Checks live in :mod:`fastbn._validate`, backend choice and layouts in :mod:`fastbn._dispatch`,
+loops in :mod:`fastbn._numba_kernels`, the NumPy twin in :mod:`fastbn.reference`.
+"""
+from . import _dispatch
+from ._validate import backward_args, forward_args
+
+available_backends = _dispatch.available_backends
+
+
+def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=None,
+            running_var=None, momentum=0.1, eps=1e-5, activation=None, out=None, backend=None):
+    """Batch normalization forward pass.
+
+    Over every axis of ``x`` but ``axis``::
+
+        mean = sum(x) / m                        (m = values per feature)
+        var  = sum((x - mean)**2) / m            (biased)
+        y    = gamma * (x - mean) / sqrt(var + eps) + beta
+
+    Parameters
+    ----------
+    x : array_like, float32 or float64, ndim >= 2
+        NC, NCL, NCHW, NCDHW, ... or channels-last with ``axis=-1``. Any memory order and
+        strides (views, transposes, Fortran order) work; x is never modified unless it is
+        ``out``.
+    gamma, beta : array_like (C,), any floating dtype, optional
+        Scale and shift; None means 1 and 0.
+    axis : int
+        The feature axis (negative counts from the end).
+    training : bool
+        True: normalize with the batch statistics and, if ``running_mean`` and
+        ``running_var`` are given, update them in place:
+        ``r = (1 - momentum) * r + momentum * batch``, with the unbiased batch variance
+        (``var * m / (m - 1)``), as PyTorch does. False: normalize with the running statistics,
+        which are then required.
+    running_mean, running_var : ndarray (C,), floating, optional
+        Both or neither. Updated in place in training (computed in float64, stored in their
+        own dtype); never partly updated.
+    momentum : float in [0, 1]
+    eps : float > 0
+        Added to the variance; we use the standard ``sqrt(var + eps)`` form.
+    activation : None
+        Reserved for fused activations; only None is accepted for now.
+    out : ndarray, optional
+        Where to write y: x's shape and dtype, writable; may be ``x`` itself (in place), but
+        must not partly overlap it. Returned as that very object.
+    backend : {None, "numba", "reference"}
+        None takes ``$FASTBN_BACKEND`` if set, else the fastest available.
+
+    Returns
+    -------
+    ForwardResult(y, mean, invstd)
+        ``y`` has x's shape and dtype. ``mean`` and ``invstd = 1/sqrt(var + eps)`` are (C,),
+        float64 for float64 input and float32 otherwise: the batch statistics in training,
+        the running ones in eval, so that :func:`backward` can take them back.
+
+    Raises
+    ------
+    TypeError
+        x not array-like or not float32/float64; a parameter not floating; training not a bool.
+    ValueError
+        x.ndim < 2; axis out of range; a parameter of length != C; fewer than 2 values per
+        feature in training; training=False without running statistics; a bad ``out``;
+        eps <= 0; momentum outside [0, 1]; unknown activation or backend.
+        Nothing is modified when an error is raised.
+
+    Notes
+    -----
+    Statistics are accumulated in float64 around a per-feature shift, and the float32 output
+    is computed as ``((x - mean_hi) - mean_lo) * scale + beta`` with the mean carried in two
+    parts: float32 data with mean 1e4 and spread 0.1 normalizes to within 1e-5 of a float64
+    computation. A NaN or Inf in x makes its own feature NaN and leaves the others alone.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.random.default_rng(0).normal(3.0, 2.0, (8, 4, 5, 5)).astype(np.float32)
+    >>> rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    >>> y, mean, invstd = fastbn.forward(x, running_mean=rm, running_var=rv)
+    >>> bool(abs(y.mean()) < 1e-5), y.dtype, mean.shape
+    (True, dtype('float32'), (4,))
+    """
+    args = forward_args(x, gamma, beta, axis, training, running_mean, running_var, momentum,
+                        eps, activation, out, backend)
+    return _dispatch.forward(args)
+
+
+def backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, training=True,
+             activation=None, out=None, backend=None):
+    """Batch normalization backward pass.
+
+    With ``xhat = (x - mean) * invstd`` and sums over every axis but ``axis``::
+
+        dbeta  = sum(dy)
+        dgamma = sum(dy * xhat)
+        dx     = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)   (training)
+        dx     = gamma * invstd * dy                                      (eval)
+
+    Parameters
+    ----------
+    dy : array_like
+        Gradient of the loss with respect to y: x's shape and dtype.
+    x : array_like, float32 or float64, ndim >= 2
+        The forward pass's input; nothing else from the forward pass is stored.
+    mean, invstd : array_like (C,), floating
+        As returned by :func:`forward`. In training, ``mean`` is refined to the float64 batch
+        mean of x when the two agree to within one unit in the last place of mean's dtype (a
+        float32 mean loses digits that dx needs); a ``mean`` further off is used as given.
+    gamma : array_like (C,), optional
+        None means 1.
+    beta : array_like (C,), optional
+        Unused without an activation; accepted so that forward and backward take the same
+        parameters.
+    axis, training, activation, backend
+        As in :func:`forward`.
+    out : ndarray, optional
+        Where to write dx; may be ``dy`` or ``x`` itself.
+
+    Returns
+    -------
+    BackwardResult(dx, dgamma, dbeta)
+        ``dx`` has x's shape and dtype; ``dgamma`` and ``dbeta`` are (C,), float64 for float64
+        input and float32 otherwise, in training and eval mode alike.
+
+    Raises
+    ------
+    TypeError
+        dy's dtype differs from x's; a non-floating input.
+    ValueError
+        As :func:`forward`, and dy's shape differs from x's. Nothing is modified on error.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> x = np.random.default_rng(0).normal(size=(16, 3)).astype(np.float32)
+    >>> y, mean, invstd = fastbn.forward(x)
+    >>> dx, dgamma, dbeta = fastbn.backward(np.ones_like(x), x, mean, invstd)
+    >>> bool(np.abs(dx).max() < 1e-5), dbeta.tolist()
+    (True, [16.0, 16.0, 16.0])
+    """
+    args = backward_args(dy, x, mean, invstd, gamma, beta, axis, training, activation, out,
+                         backend)
+    return _dispatch.backward(args)
