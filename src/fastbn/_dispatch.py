@@ -22,6 +22,10 @@ BACKEND_ENV = "FASTBN_BACKEND"
 #: Below this many bytes of x a kernel runs serially: waking the thread pool costs more.
 PARALLEL_MIN_BYTES = 256 * 1024
 
+#: Feature-inner kernels split rows into at most MAX_CHUNKS blocks of at least CHUNK_MIN_BYTES.
+MAX_CHUNKS = 64
+CHUNK_MIN_BYTES = 64 * 1024
+
 _available = None
 
 
@@ -132,11 +136,10 @@ def _launch(kern, nbytes, *args):
 
 
 def _chunks(A, nbytes):
-    import numba
-
-    if nbytes < PARALLEL_MIN_BYTES:
-        return 1
-    return max(1, min(A, numba.get_num_threads()))
+    """Row blocks of the feature-inner kernels. A function of the shape alone, never of the
+    thread count, so that the summation order (hence every bit of the result) is the same for
+    1 or 16 threads and for the serial and parallel twins."""
+    return max(1, min(A, MAX_CHUNKS, nbytes // CHUNK_MIN_BYTES))
 
 
 def _weight_bias(args, C):

@@ -1,0 +1,159 @@
+"""The contract beyond values: accuracy on ill-conditioned data, gradients, determinism, lazy
+imports, result types, read-only and list inputs."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastbn
+from conftest import make_x
+
+ILL_CASES = [((64, 8, 16, 16), 1), ((64, 16, 16, 8), -1), ((4096, 8), 1), ((8, 16, 4096), 1)]
+
+
+@pytest.mark.parametrize("shape,axis", ILL_CASES, ids=[str(c) for c in ILL_CASES])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_huge_mean_tiny_spread_float32(backend, shape, axis, training):
+    """float32 data of mean 1e4 and spread 0.1: y and dx within 1e-5 of float64 math on the
+    same float32 input (PyTorch's CPU kernel is off by 6e-3 here)."""
+    rng = np.random.default_rng(5)
+    x = (1e4 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    x64 = np.moveaxis(x, axis, -1).astype(np.float64)
+    dy64 = np.moveaxis(dy, axis, -1).astype(np.float64)
+    over = tuple(range(x64.ndim - 1))
+    C = x.shape[axis]
+    if training:
+        mean, var = x64.mean(axis=over), x64.var(axis=over)
+        rm = rv = None
+    else:  # running statistics as a float32 model would hold them
+        rm = x64.mean(axis=over).astype(np.float32)
+        rv = (x64.var(axis=over) * 1.3).astype(np.float32)
+        mean, var = rm.astype(np.float64), rv.astype(np.float64)
+    invstd = 1 / np.sqrt(var + 1e-5)
+    xhat = (x64 - mean) * invstd
+    y_true = xhat
+    if training:
+        m = x64.size // C
+        dbeta, dgamma = dy64.sum(axis=over), (dy64 * xhat).sum(axis=over)
+        dx_true = invstd / m * (m * dy64 - dbeta - xhat * dgamma)
+    else:
+        dx_true = invstd * dy64
+    y, mu, istd = fastbn.forward(x, axis=axis, training=training, running_mean=rm,
+                                 running_var=rv, backend=backend)
+    dx, _, _ = fastbn.backward(dy, x, mu, istd, axis=axis, training=training, backend=backend)
+    y_err = np.abs(np.moveaxis(y, axis, -1) - y_true).max()
+    dx_err = np.abs(np.moveaxis(dx, axis, -1) - dx_true).max() / np.abs(dx_true).max()
+    assert y_err < 1e-5, f"y error {y_err:.2e}"
+    assert dx_err < 1e-5, f"dx relative error {dx_err:.2e}"
+
+
+def test_reference_gradients_match_finite_differences():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 2, 4))
+    gamma, beta = rng.standard_normal(2), rng.standard_normal(2)
+    w = rng.standard_normal(x.shape)  # loss = sum(w * y)
+
+    def loss(x_, g_, b_):
+        return float((w * fastbn.reference.forward(x_, g_, b_).y).sum())
+
+    _, mean, invstd = fastbn.reference.forward(x, gamma, beta)
+    dx, dg, db = fastbn.reference.backward(w, x, mean, invstd, gamma, beta)
+    h = 1e-6
+    for arr, grad, args in ((x, dx, lambda a: (a, gamma, beta)),
+                            (gamma, dg, lambda a: (x, a, beta)),
+                            (beta, db, lambda a: (x, gamma, a))):
+        numeric = np.zeros_like(arr)
+        for i in np.ndindex(arr.shape):
+            plus, minus = arr.copy(), arr.copy()
+            plus[i] += h
+            minus[i] -= h
+            numeric[i] = (loss(*args(plus)) - loss(*args(minus))) / (2 * h)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-7)
+
+
+def test_eval_gradients_match_finite_differences():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 3))
+    gamma, beta = rng.standard_normal(3), rng.standard_normal(3)
+    rm, rv = rng.standard_normal(3), 0.5 + rng.random(3)
+    w = rng.standard_normal(x.shape)
+    y, mean, invstd = fastbn.forward(x, gamma, beta, training=False, running_mean=rm,
+                                     running_var=rv)
+    dx, dg, db = fastbn.backward(w, x, mean, invstd, gamma, beta, training=False)
+    np.testing.assert_allclose(dx, w * gamma * invstd, rtol=1e-12)
+    np.testing.assert_allclose(dg, (w * (x - rm) * invstd).sum(0), rtol=1e-12)
+    np.testing.assert_allclose(db, w.sum(0), rtol=1e-12)
+
+
+@pytest.mark.parametrize("shape,axis", [((64, 16, 32, 32), 1), ((4096, 96), 1),
+                                        ((16, 32, 32, 16), -1)])
+def test_same_bits_for_any_thread_count(shape, axis):
+    numba = pytest.importorskip("numba")
+    x = make_x(shape, np.float32, seed=2)
+    dy = make_x(shape, np.float32, seed=3)
+    results = []
+    for threads in (1, numba.config.NUMBA_NUM_THREADS):
+        numba.set_num_threads(threads)
+        try:
+            y, mean, invstd = fastbn.forward(x, axis=axis)
+            results.append((y, mean, invstd, *fastbn.backward(dy, x, mean, invstd, axis=axis)))
+        finally:
+            numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_serial_and_parallel_twins_agree(monkeypatch):
+    from fastbn import _dispatch
+
+    x = make_x((8, 16, 24, 24), np.float64, seed=4)
+    parallel = fastbn.forward(x)
+    monkeypatch.setattr(_dispatch, "PARALLEL_MIN_BYTES", 2**62)
+    serial = fastbn.forward(x)
+    for a, b in zip(parallel, serial):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_import_does_not_load_numba_or_torch():
+    code = ("import sys, fastbn; "
+            "print('numba' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+def test_results_are_named_tuples():
+    x = make_x((4, 3), np.float64)
+    res = fastbn.forward(x)
+    assert isinstance(res, fastbn.ForwardResult) and res.y is res[0]
+    grads = fastbn.backward(x, x, res.mean, res.invstd)
+    assert isinstance(grads, fastbn.BackwardResult) and grads.dbeta is grads[2]
+
+
+def test_read_only_and_list_inputs_are_accepted():
+    x = make_x((6, 3, 2), np.float32)
+    ro = x.copy()
+    ro.flags.writeable = False
+    np.testing.assert_array_equal(fastbn.forward(ro).y, fastbn.forward(x).y)
+    as_list = fastbn.forward(x.astype(np.float64).tolist())
+    np.testing.assert_allclose(as_list.y, fastbn.reference.forward(x.astype(np.float64)).y,
+                               atol=1e-12)
+
+
+def test_backward_uses_given_mean_when_it_is_not_the_batch_mean():
+    """The float64 refinement applies only to a mean that rounds from the batch mean."""
+    x = make_x((8, 3), np.float64, seed=9)
+    dy = make_x((8, 3), np.float64, seed=10)
+    mean = x.mean(0) + 0.25
+    invstd = np.ones(3)
+    fast = fastbn.backward(dy, x, mean, invstd)
+    ref = fastbn.reference.backward(dy, x, mean, invstd)
+    np.testing.assert_allclose(fast.dgamma, (dy * (x - mean)).sum(0), rtol=1e-12)
+    np.testing.assert_allclose(fast.dx, ref.dx, rtol=1e-12, atol=1e-12)
+
+
+def test_available_backends():
+    names = fastbn.available_backends()
+    assert names[-1] == "reference" and "numba" in names
