@@ -175,7 +175,8 @@ def numba_forward(args):
         coef[2] = weight * invstd
         coef[3] = bias
         if B == 1:
-            _launch(K.normalize_inner, x.nbytes, x3[:, :, 0], y3[:, :, 0], coef)
+            _launch(K.normalize_inner, x.nbytes, x3[:, :, 0], y3[:, :, 0], coef,
+                    _chunks(A, x.nbytes))
         else:
             _launch(K.normalize_outer, x.nbytes, x3, y3, coef)
     if copy_back:

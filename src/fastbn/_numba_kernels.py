@@ -84,28 +84,30 @@ def kernel(fn):
 
 
 # --- per-run helpers (serial, inlined by LLVM into the kernels) ---------------------------------
+# They take whole arrays and indices rather than row views: creating a view per row costs a
+# reference-count update, which dominated short rows (and contended between threads).
 
 @_helper(REDUCTION_FLAGS)
-def _shifted_sums(x, shift):
-    """sum(x - shift) and sum((x - shift)**2) over a 1-D run, in float64."""
+def _shifted_sums(x, a, c, shift):
+    """sum(x - shift) and sum((x - shift)**2) over the run x[a, c, :], in float64."""
     s1 = 0.0
     s2 = 0.0
-    for i in range(x.shape[0]):
-        d = x[i] - shift
+    for b in range(x.shape[2]):
+        d = x[a, c, b] - shift
         s1 += d
         s2 += d * d
     return s1, s2
 
 
 @_helper(REDUCTION_FLAGS)
-def _backward_sums(dy, x, shift):
-    """sum(x - shift), sum(dy) and sum(dy * (x - shift)) over a 1-D run, in float64."""
+def _backward_sums(dy, x, a, c, shift):
+    """sum(x - shift), sum(dy) and sum(dy * (x - shift)) over the run [a, c, :], in float64."""
     sx = 0.0
     sdy = 0.0
     sdyx = 0.0
-    for i in range(x.shape[0]):
-        d = x[i] - shift
-        g = dy[i] + 0.0
+    for b in range(x.shape[2]):
+        d = x[a, c, b] - shift
+        g = dy[a, c, b] + 0.0
         sx += d
         sdy += g
         sdyx += g * d
@@ -113,112 +115,128 @@ def _backward_sums(dy, x, shift):
 
 
 @_helper(ELEMENTWISE_FLAGS)
-def _normalize_run(x, y, hi, lo, scale, shift):
-    for i in range(x.shape[0]):
-        y[i] = ((x[i] - hi) - lo) * scale + shift
+def _normalize_run(x, y, a, c, coef):
+    hi = coef[0, c]
+    lo = coef[1, c]
+    scale = coef[2, c]
+    shift = coef[3, c]
+    for b in range(x.shape[2]):
+        y[a, c, b] = ((x[a, c, b] - hi) - lo) * scale + shift
 
 
 @_helper(ELEMENTWISE_FLAGS)
-def _normalize_row(x, y, hi, lo, scale, shift):
-    for i in range(x.shape[0]):
-        y[i] = ((x[i] - hi[i]) - lo[i]) * scale[i] + shift[i]
+def _dx_run(dy, x, dx, a, c, coef):
+    hi = coef[0, c]
+    lo = coef[1, c]
+    k = coef[2, c]
+    c1 = coef[3, c]
+    c2 = coef[4, c]
+    for b in range(x.shape[2]):
+        dx[a, c, b] = dy[a, c, b] * k + ((x[a, c, b] - hi) - lo) * c1 + c2
 
 
 @_helper(ELEMENTWISE_FLAGS)
-def _dx_run(dy, x, dx, hi, lo, k, c1, c2):
-    for i in range(x.shape[0]):
-        dx[i] = dy[i] * k + ((x[i] - hi) - lo) * c1 + c2
+def _scale_run(dy, dx, a, c, coef):
+    k = coef[2, c]
+    for b in range(dy.shape[2]):
+        dx[a, c, b] = dy[a, c, b] * k
 
 
 @_helper(ELEMENTWISE_FLAGS)
-def _dx_row(dy, x, dx, hi, lo, k, c1, c2):
-    for i in range(x.shape[0]):
-        dx[i] = dy[i] * k[i] + ((x[i] - hi[i]) - lo[i]) * c1[i] + c2[i]
+def _normalize_rows(x, y, a0, a1, coef):
+    for a in range(a0, a1):
+        for c in range(x.shape[1]):
+            y[a, c] = ((x[a, c] - coef[0, c]) - coef[1, c]) * coef[2, c] + coef[3, c]
 
 
 @_helper(ELEMENTWISE_FLAGS)
-def _scale_run(dy, dx, k):
-    for i in range(dy.shape[0]):
-        dx[i] = dy[i] * k
+def _dx_rows(dy, x, dx, a0, a1, coef):
+    for a in range(a0, a1):
+        for c in range(x.shape[1]):
+            dx[a, c] = (dy[a, c] * coef[2, c] + ((x[a, c] - coef[0, c]) - coef[1, c]) * coef[3, c]
+                        + coef[4, c])
 
 
 @_helper(ELEMENTWISE_FLAGS)
-def _scale_row(dy, dx, k):
-    for i in range(dy.shape[0]):
-        dx[i] = dy[i] * k[i]
+def _scale_rows(dy, dx, a0, a1, coef):
+    for a in range(a0, a1):
+        for c in range(dy.shape[1]):
+            dx[a, c] = dy[a, c] * coef[2, c]
 
 
 @_helper(REDUCTION_FLAGS)
-def _accumulate_rows(x, a0, a1, shift, s1, s2):
-    """Per-feature shifted sums of rows a0..a1 of a (A, C) view, added into s1 and s2."""
+def _accumulate_rows(x, a0, a1, shift, partial, t):
+    """Per-feature shifted sums of rows a0..a1 of a (A, C) view into partial[:, t, :]."""
     for a in range(a0, a1):
-        row = x[a]
-        for c in range(row.shape[0]):
-            d = row[c] - shift[c]
-            s1[c] += d
-            s2[c] += d * d
+        for c in range(x.shape[1]):
+            d = x[a, c] - shift[c]
+            partial[0, t, c] += d
+            partial[1, t, c] += d * d
 
 
 @_helper(REDUCTION_FLAGS)
-def _accumulate_backward_rows(dy, x, a0, a1, shift, sx, sdy, sdyx):
+def _accumulate_backward_rows(dy, x, a0, a1, shift, partial, t):
     for a in range(a0, a1):
-        xrow = x[a]
-        dyrow = dy[a]
-        for c in range(xrow.shape[0]):
-            d = xrow[c] - shift[c]
-            g = dyrow[c] + 0.0
-            sx[c] += d
-            sdy[c] += g
-            sdyx[c] += g * d
+        for c in range(x.shape[1]):
+            d = x[a, c] - shift[c]
+            g = dy[a, c] + 0.0
+            partial[0, t, c] += d
+            partial[1, t, c] += g
+            partial[2, t, c] += g * d
 
 
-# --- per-feature finishing steps (scalar) ------------------------------------------------------
+# --- per-feature finishing steps (scalars in, scalars out) -----------------------------------------
+# Scalars only: an array argument to a helper with branches makes Numba keep an atomic
+# reference-count update per call, which cost 60 ns per feature (0.5 ms for C = 8192).
 
 @njit(**_OPTIONS)
-def _finish_stats(c, s1, s2, shift, m, weight, bias, eps, stats, coef):
-    """From the shifted sums of feature c: stats[:, c] = mean, var, invstd (float64) and the
-    normalizing coefficients coef[:, c] = mean_hi, mean_lo, scale, shift (x's dtype)."""
+def _stats(s1, s2, shift, m, eps):
+    """mean, var, invstd (float64) of a feature from its sums around ``shift``."""
     dm = s1 / m
-    mean = shift + dm
     var = s2 / m - dm * dm
     if var < 0.0:  # rounding only; written so that NaN passes through
         var = 0.0
-    invstd = 1.0 / np.sqrt(var + eps)
+    return shift + dm, var, 1.0 / np.sqrt(var + eps)
+
+
+@njit(**_OPTIONS)
+def _grad_terms(sx, sdy, sdyx, shift, m, mean, mean_ulp, invstd, weight, training):
+    """From a feature's sums around ``shift``: the mean used, dgamma, and the coefficients of
+    ``dx = dy*k + (x - mean)*c1 + c2`` (c1 = c2 = 0 in eval mode)."""
+    if training:
+        batch_mean = shift + sx / m
+        if abs(batch_mean - mean) <= mean_ulp:
+            mean = batch_mean
+    dgamma = (sdyx - (mean - shift) * sdy) * invstd
+    k = weight * invstd
+    if training:
+        return mean, dgamma, k, -k * invstd * dgamma / m, -k * sdy / m
+    return mean, dgamma, k, 0.0, 0.0
+
+
+@njit(**_OPTIONS)
+def _store_stats(stats, coef, c, mean, var, invstd, weight, bias):
+    """stats[:, c] = mean, var, invstd; coef[:, c] = mean_hi, mean_lo, scale, shift, where
+    mean_hi is the mean rounded to x's dtype and mean_lo what the rounding lost."""
     stats[0, c] = mean
     stats[1, c] = var
     stats[2, c] = invstd
     coef[0, c] = mean
     coef[1, c] = mean - coef[0, c]
-    coef[2, c] = weight[c] * invstd
-    coef[3, c] = bias[c]
+    coef[2, c] = weight * invstd
+    coef[3, c] = bias
 
 
 @njit(**_OPTIONS)
-def _finish_grads(c, sx, sdy, sdyx, shift, m, mean_in, mean_ulp, invstd_in, weight, training,
-                  grads, coef):
-    """From the shifted sums of feature c: grads[:, c] = dgamma, dbeta (float64) and the dx
-    coefficients coef[:, c] = mean_hi, mean_lo, k, c1, c2 with
-    ``dx = dy*k + (x - mean)*c1 + c2`` (c1 = c2 = 0 in eval mode)."""
-    mean = mean_in[c]
-    if training:
-        batch_mean = shift + sx / m
-        if abs(batch_mean - mean) <= mean_ulp[c]:
-            mean = batch_mean
-    invstd = invstd_in[c]
-    dbeta = sdy
-    dgamma = (sdyx - (mean - shift) * sdy) * invstd
+def _store_grads(grads, coef, c, mean, dgamma, dbeta, k, c1, c2):
+    """grads[:, c] = dgamma, dbeta; coef[:, c] = mean_hi, mean_lo, k, c1, c2."""
     grads[0, c] = dgamma
     grads[1, c] = dbeta
-    k = weight[c] * invstd
     coef[0, c] = mean
     coef[1, c] = mean - coef[0, c]
     coef[2, c] = k
-    if training:
-        coef[3, c] = -k * invstd * dgamma / m
-        coef[4, c] = -k * dbeta / m
-    else:
-        coef[3, c] = 0.0
-        coef[4, c] = 0.0
+    coef[3, c] = c1
+    coef[4, c] = c2
 
 
 # --- kernels -----------------------------------------------------------------------------------
@@ -233,39 +251,35 @@ def forward_train_outer(x, y, weight, bias, eps, stats, coef):
         s1 = 0.0
         s2 = 0.0
         for a in range(A):
-            r1, r2 = _shifted_sums(x[a, c], shift)
+            r1, r2 = _shifted_sums(x, a, c, shift)
             s1 += r1
             s2 += r2
-        _finish_stats(c, s1, s2, shift, m, weight, bias, eps, stats, coef)
-        hi = coef[0, c]
-        lo = coef[1, c]
-        scale = coef[2, c]
-        offset = coef[3, c]
+        mean, var, invstd = _stats(s1, s2, shift, m, eps)
+        _store_stats(stats, coef, c, mean, var, invstd, weight[c], bias[c])
         for a in range(A):
-            _normalize_run(x[a, c], y[a, c], hi, lo, scale, offset)
+            _normalize_run(x, y, a, c, coef)
 
 
 @kernel
 def forward_train_inner(x, y, weight, bias, eps, stats, coef, nchunks):
     """Training forward on a (A, C) view: per-chunk partial sums, combine, normalize rows."""
     A, C = x.shape
-    m = A
     shift = np.empty(C)
     for c in range(C):
         shift[c] = x[0, c]
     partial = np.zeros((2, nchunks, C))
     for t in prange(nchunks):
-        _accumulate_rows(x, t * A // nchunks, (t + 1) * A // nchunks, shift,
-                         partial[0, t], partial[1, t])
+        _accumulate_rows(x, t * A // nchunks, (t + 1) * A // nchunks, shift, partial, t)
     for c in range(C):
         s1 = 0.0
         s2 = 0.0
         for t in range(nchunks):
             s1 += partial[0, t, c]
             s2 += partial[1, t, c]
-        _finish_stats(c, s1, s2, shift[c], m, weight, bias, eps, stats, coef)
-    for a in prange(A):
-        _normalize_row(x[a], y[a], coef[0], coef[1], coef[2], coef[3])
+        mean, var, invstd = _stats(s1, s2, shift[c], A, eps)
+        _store_stats(stats, coef, c, mean, var, invstd, weight[c], bias[c])
+    for t in prange(nchunks):
+        _normalize_rows(x, y, t * A // nchunks, (t + 1) * A // nchunks, coef)
 
 
 @kernel
@@ -274,15 +288,15 @@ def normalize_outer(x, y, coef):
     A, C, B = x.shape
     for ac in prange(A * C):
         a = ac // C
-        c = ac - a * C
-        _normalize_run(x[a, c], y[a, c], coef[0, c], coef[1, c], coef[2, c], coef[3, c])
+        _normalize_run(x, y, a, ac - a * C, coef)
 
 
 @kernel
-def normalize_inner(x, y, coef):
+def normalize_inner(x, y, coef, nchunks):
     """The same on a (A, C) view."""
-    for a in prange(x.shape[0]):
-        _normalize_row(x[a], y[a], coef[0], coef[1], coef[2], coef[3])
+    A = x.shape[0]
+    for t in prange(nchunks):
+        _normalize_rows(x, y, t * A // nchunks, (t + 1) * A // nchunks, coef)
 
 
 @kernel
@@ -296,18 +310,18 @@ def backward_outer(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, training, gr
         sdy = 0.0
         sdyx = 0.0
         for a in range(A):
-            r0, r1, r2 = _backward_sums(dy[a, c], x[a, c], shift)
+            r0, r1, r2 = _backward_sums(dy, x, a, c, shift)
             sx += r0
             sdy += r1
             sdyx += r2
-        _finish_grads(c, sx, sdy, sdyx, shift, m, mean_in, mean_ulp, invstd_in, weight,
-                      training, grads, coef)
+        mean, dgamma, k, c1, c2 = _grad_terms(sx, sdy, sdyx, shift, m, mean_in[c], mean_ulp[c],
+                                              invstd_in[c], weight[c], training)
+        _store_grads(grads, coef, c, mean, dgamma, sdy, k, c1, c2)
         for a in range(A):
             if training:
-                _dx_run(dy[a, c], x[a, c], dx[a, c], coef[0, c], coef[1, c], coef[2, c],
-                        coef[3, c], coef[4, c])
-            else:
-                _scale_run(dy[a, c], dx[a, c], coef[2, c])
+                _dx_run(dy, x, dx, a, c, coef)
+            else:  # eval: dx does not depend on x, so an Inf in x must not reach it
+                _scale_run(dy, dx, a, c, coef)
 
 
 @kernel
@@ -315,14 +329,13 @@ def backward_inner(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, training, gr
                    nchunks):
     """Backward on (A, C) views: per-chunk partial sums, combine, dx rows."""
     A, C = x.shape
-    m = A
     shift = np.empty(C)
     for c in range(C):
         shift[c] = x[0, c]
     partial = np.zeros((3, nchunks, C))
     for t in prange(nchunks):
         _accumulate_backward_rows(dy, x, t * A // nchunks, (t + 1) * A // nchunks, shift,
-                                  partial[0, t], partial[1, t], partial[2, t])
+                                  partial, t)
     for c in range(C):
         sx = 0.0
         sdy = 0.0
@@ -331,13 +344,16 @@ def backward_inner(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, training, gr
             sx += partial[0, t, c]
             sdy += partial[1, t, c]
             sdyx += partial[2, t, c]
-        _finish_grads(c, sx, sdy, sdyx, shift[c], m, mean_in, mean_ulp, invstd_in, weight,
-                      training, grads, coef)
-    for a in prange(A):
+        mean, dgamma, k, c1, c2 = _grad_terms(sx, sdy, sdyx, shift[c], A, mean_in[c],
+                                              mean_ulp[c], invstd_in[c], weight[c], training)
+        _store_grads(grads, coef, c, mean, dgamma, sdy, k, c1, c2)
+    for t in prange(nchunks):
+        a0 = t * A // nchunks
+        a1 = (t + 1) * A // nchunks
         if training:
-            _dx_row(dy[a], x[a], dx[a], coef[0], coef[1], coef[2], coef[3], coef[4])
+            _dx_rows(dy, x, dx, a0, a1, coef)
         else:  # eval: dx does not depend on x, so an Inf in x must not reach it
-            _scale_row(dy[a], dx[a], coef[2])
+            _scale_rows(dy, dx, a0, a1, coef)
 
 
 @kernel

@@ -1,0 +1,318 @@
+"""Comparison table: fastbn beside a parallel memory copy, the NumPy reference and PyTorch.
+
+Run ``python -m fastbn.bench`` (``--help`` for options). Every figure is the median of several
+timed samples taken in this one process, after a warm-up call outside the timed region; the
+ratios compare figures of the same run only. See bench/README.md for what each column means.
+
+The case table below is the one source of benchmark cases: bench/test_bench.py (the
+pytest-benchmark suites) generates its tests from it too.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    shape: tuple
+    axis: int = 1
+    dtype: str = "float32"
+
+    @property
+    def nbytes(self):
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+
+#: The default workload: large cases (the bandwidth targets) and small ones (launch overhead).
+CASES = (
+    Case("NCHW 32x64x56x56", (32, 64, 56, 56)),
+    Case("NCHW 64x128x56x56", (64, 128, 56, 56)),
+    Case("NHWC 32x56x56x64", (32, 56, 56, 64), axis=-1),
+    Case("NC 8192x1024", (8192, 1024)),
+    Case("NC 256x2048", (256, 2048)),
+    Case("NC 32x512", (32, 512)),
+)
+QUICK_CASES = (
+    Case("NCHW 16x32x28x28", (16, 32, 28, 28)),
+    Case("NHWC 16x28x28x32", (16, 28, 28, 32), axis=-1),
+    Case("NC 32x512", (32, 512)),
+)
+
+#: Each sample repeats the call until it lasts this long, so that timer resolution and
+#: per-call noise matter little; the figure is the median of the samples (per call).
+MIN_SAMPLE_S = 0.002
+
+
+def median_time(fn, samples, budget_s=None):
+    """Median seconds per call of ``fn()``, after one warm-up call outside the timing."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    once = max(time.perf_counter() - start, 1e-7)
+    inner = max(1, int(MIN_SAMPLE_S / once))
+    if budget_s is not None:  # slow functions (the reference on big arrays) get fewer samples
+        samples = max(3, min(samples, int(budget_s / (once * inner))))
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - start) / inner)
+    return statistics.median(times)
+
+
+class Workload:
+    """Arrays of one case and the callables that the table times."""
+
+    def __init__(self, case, seed=0):
+        rng = np.random.default_rng(seed)
+        self.case = case
+        dtype = np.dtype(case.dtype)
+        self.x = (1.0 + rng.standard_normal(case.shape, dtype=np.float32)).astype(dtype)
+        self.dy = rng.standard_normal(case.shape, dtype=np.float32).astype(dtype)
+        C = case.shape[case.axis]
+        self.gamma = (1 + 0.1 * rng.standard_normal(C)).astype(dtype)
+        self.beta = (0.1 * rng.standard_normal(C)).astype(dtype)
+        self.rm = np.zeros(C, dtype)
+        self.rv = np.ones(C, dtype)
+        self.y = np.empty_like(self.x)
+        self.dx = np.empty_like(self.x)
+
+    def fastbn(self, backend="numba"):
+        import fastbn
+
+        x, y, dx, dy, g, b, axis = self.x, self.y, self.dx, self.dy, self.gamma, self.beta, \
+            self.case.axis
+        _, mean, invstd = fastbn.forward(x, g, b, axis=axis, backend=backend)
+        return {
+            "forward": lambda: fastbn.forward(x, g, b, axis=axis, running_mean=self.rm,
+                                              running_var=self.rv, out=y, backend=backend),
+            "eval": lambda: fastbn.forward(x, g, b, axis=axis, training=False,
+                                           running_mean=self.rm, running_var=self.rv, out=y,
+                                           backend=backend),
+            "backward": lambda: fastbn.backward(dy, x, mean, invstd, g, b, axis=axis, out=dx,
+                                                backend=backend),
+        }
+
+    def copy(self):
+        from fastbn import _numba_kernels
+
+        src, dst = self.x.reshape(-1), self.y.reshape(-1)
+        return lambda: _numba_kernels.copy_flat.parallel(src, dst)
+
+    def torch(self):
+        """PyTorch's own CPU kernels (aten::native_batch_norm and its backward), on the same
+        memory (channels-last cases as channels_last tensors), without autograd overhead."""
+        import torch
+
+        case = self.case
+        x = torch.from_numpy(self.x)
+        dy = torch.from_numpy(self.dy)
+        if case.axis != 1:  # NHWC memory seen by torch as an NCHW tensor in channels_last
+            perm = (0, x.ndim - 1, *range(1, x.ndim - 1))
+            x, dy = x.permute(perm), dy.permute(perm)
+        g, b = torch.from_numpy(self.gamma), torch.from_numpy(self.beta)
+        rm, rv = torch.from_numpy(self.rm.copy()), torch.from_numpy(self.rv.copy())
+        bn = torch.ops.aten.native_batch_norm
+        bn_backward = torch.ops.aten.native_batch_norm_backward
+        _, save_mean, save_invstd = bn(x, g, b, rm, rv, True, 0.1, 1e-5)
+        mask = [True, True, True]
+
+        def no_grad(fn):
+            def run():
+                with torch.no_grad():
+                    fn()
+            return run
+
+        return {
+            "forward": no_grad(lambda: bn(x, g, b, rm, rv, True, 0.1, 1e-5)),
+            "eval": no_grad(lambda: bn(x, g, b, rm, rv, False, 0.1, 1e-5)),
+            "backward": no_grad(lambda: bn_backward(dy, x, g, rm, rv, save_mean, save_invstd,
+                                                    True, 1e-5, mask)),
+        }
+
+
+def _torch_available():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run(cases, thread_counts, samples, with_reference=True, with_torch=True, log=None):
+    """Time every case at every thread count; returns a list of row dicts."""
+    import numba
+
+    rows = []
+    with_torch = with_torch and _torch_available()
+    if with_torch:
+        import torch
+    for case in cases:
+        work = Workload(case)
+        for threads in thread_counts:
+            numba.set_num_threads(threads)
+            if with_torch:
+                torch.set_num_threads(threads)
+            row = {"case": case.name, "shape": list(case.shape), "axis": case.axis,
+                   "dtype": case.dtype, "MB": 2 * case.nbytes / 1e6, "threads": threads}
+            row["copy"] = median_time(work.copy(), samples)
+            for op, fn in work.fastbn().items():
+                row[op] = median_time(fn, samples)
+            if with_torch:
+                for op, fn in work.torch().items():
+                    row["torch_" + op] = median_time(fn, samples)
+            if with_reference and threads == thread_counts[-1]:
+                for op, fn in work.fastbn(backend="reference").items():
+                    if op != "eval":
+                        row["reference_" + op] = median_time(fn, samples, budget_s=3.0)
+            rows.append(row)
+            if log:
+                log(f"  timed {case.name} on {threads} thread(s)")
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    return rows
+
+
+def ratios(row):
+    """The ratios of one row: against the copy (the bandwidth floor), PyTorch and the reference.
+    Backward moves three arrays where the copy moves two, hence its 1.5 x copy yardstick."""
+    r = {"fwd/copy": row["forward"] / row["copy"],
+         "eval/copy": row["eval"] / row["copy"],
+         "bwd/(1.5copy)": row["backward"] / (1.5 * row["copy"])}
+    for op in ("forward", "eval", "backward"):
+        if "torch_" + op in row:
+            r[f"torch/{op}"] = row["torch_" + op] / row[op]
+    for op in ("forward", "backward"):
+        if "reference_" + op in row:
+            r[f"ref/{op}"] = row["reference_" + op] / row[op]
+    return r
+
+
+def format_table(rows):
+    """A Markdown table: times in ms, then ratios (x copy: lower is better, 1.0 is the floor;
+    speedups over torch and the reference: higher is better)."""
+    header = ["case", "thr", "MB moved", "copy ms", "fwd ms", "eval ms", "bwd ms",
+              "fwd/copy", "eval/copy", "bwd/1.5copy", "torch fwd ms", "torch bwd ms",
+              "fwd vs torch", "eval vs torch", "bwd vs torch", "fwd vs ref", "bwd vs ref"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        r = ratios(row)
+
+        def ms(key):
+            return f"{row[key] * 1e3:.3f}" if key in row else "-"
+
+        def x(key):
+            return f"{r[key]:.2f}x" if key in r else "-"
+
+        cells = [row["case"], str(row["threads"]), f"{row['MB']:.1f}", ms("copy"), ms("forward"),
+                 ms("eval"), ms("backward"), x("fwd/copy"), x("eval/copy"), x("bwd/(1.5copy)"),
+                 ms("torch_forward"), ms("torch_backward"), x("torch/forward"), x("torch/eval"),
+                 x("torch/backward"), x("ref/forward"), x("ref/backward")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def environment():
+    import numba
+
+    info = {"python": platform.python_version(), "numpy": np.__version__,
+            "numba": numba.__version__, "machine": platform.machine(),
+            "cpus": os.cpu_count(), "threading_layer": None}
+    try:
+        info["threading_layer"] = numba.threading_layer()
+    except ValueError:
+        pass
+    if _torch_available():
+        import torch
+
+        info["torch"] = torch.__version__
+    return info
+
+
+def plot(rows, path):
+    """Bar chart of the ratios to the copy floor and the speedups over torch (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['case']}\n{r['threads']} thr" for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 1.4 * len(rows)), 8))
+    keys = [("fwd/copy", "forward"), ("eval/copy", "eval"), ("bwd/(1.5copy)", "backward")]
+    width = 0.8 / len(keys)
+    for i, (key, label) in enumerate(keys):
+        top.bar(np.arange(len(rows)) + i * width, [ratios(r)[key] for r in rows], width,
+                label=label)
+    top.axhline(1.0, color="k", lw=0.8)
+    top.set_ylabel("time / copy time (1 = bandwidth floor)")
+    top.legend()
+    top.set_xticks(np.arange(len(rows)) + width, labels, fontsize=7)
+    tkeys = [k for k in ("torch/forward", "torch/eval", "torch/backward") if k in ratios(rows[0])]
+    for i, key in enumerate(tkeys):
+        bottom.bar(np.arange(len(rows)) + i * width, [ratios(r)[key] for r in rows], width,
+                   label=key.split("/")[1])
+    bottom.axhline(1.0, color="k", lw=0.8)
+    bottom.set_ylabel("speedup over PyTorch (higher is better)")
+    if tkeys:
+        bottom.legend()
+    bottom.set_xticks(np.arange(len(rows)) + width, labels, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m fastbn.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small cases, few samples")
+    parser.add_argument("--cases", help="comma-separated substrings of case names to keep")
+    parser.add_argument("--threads", help="comma-separated thread counts (default: 1 and all)")
+    parser.add_argument("--samples", type=int, help="timed samples per figure (default 15)")
+    parser.add_argument("--no-reference", action="store_true", help="skip the NumPy reference")
+    parser.add_argument("--no-torch", action="store_true", help="skip PyTorch")
+    parser.add_argument("--json", metavar="PATH", help="also save rows and environment as JSON")
+    parser.add_argument("--plot", metavar="PNG", help="also plot the ratios (needs matplotlib)")
+    opts = parser.parse_args(argv)
+
+    import numba
+
+    cases = QUICK_CASES if opts.quick else CASES
+    if opts.cases:
+        wanted = [w.strip() for w in opts.cases.split(",")]
+        cases = [c for c in cases if any(w in c.name for w in wanted)]
+    all_threads = numba.config.NUMBA_NUM_THREADS
+    threads = sorted({1, all_threads}) if not opts.threads else \
+        [int(t) for t in opts.threads.split(",")]
+    samples = opts.samples or (5 if opts.quick else 15)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    log(f"fastbn bench: {len(cases)} case(s), threads {threads}, {samples} samples each")
+    rows = run(cases, threads, samples, with_reference=not opts.no_reference,
+               with_torch=not opts.no_torch, log=log)
+    env = environment()
+    print(f"\nfastbn benchmark ({env['cpus']} CPUs, numba {env['numba']} "
+          f"[{env['threading_layer']}], torch {env.get('torch', 'absent')}); medians of "
+          f"{samples} samples; ratios within this run")
+    print(format_table(rows))
+    if opts.json:
+        with open(opts.json, "w") as fh:
+            json.dump({"environment": env, "rows": rows,
+                       "ratios": [ratios(r) for r in rows]}, fh, indent=1)
+        log(f"saved {opts.json}")
+    if opts.plot:
+        plot(rows, opts.plot)
+        log(f"saved {opts.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
