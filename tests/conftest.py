@@ -25,6 +25,8 @@ LAYOUTS = [
     ("N1HW", (4, 1, 3, 3), 1, "C"),
     ("single-sample", (1, 6, 2, 2), 1, "C"),
     ("NC-wide", (300, 96), 1, "C"),  # several row blocks in the feature-inner kernels
+    ("NCHW-runs-of-64", (5, 6, 8, 8), 1, "C"),  # the shortest runs of the feature-outer family
+    ("NCHW-runs-of-72-sliced", (6, 5, 8, 9), 1, "batch::2"),
     ("NCHW-large", (16, 8, 48, 48), 1, "C"),  # above the parallel threshold
     ("NHWC-large", (16, 48, 48, 8), -1, "C"),
 ]

@@ -25,6 +25,14 @@ PARALLEL_MIN_BYTES = 256 * 1024
 #: Feature-inner kernels split rows into at most MAX_CHUNKS blocks of at least CHUNK_MIN_BYTES.
 MAX_CHUNKS = 64
 CHUNK_MIN_BYTES = 64 * 1024
+#: ... and of at least this many rows, so that the per-block partial sums (float64, one row of
+#: them per block) stay small next to the data.
+CHUNK_MIN_ROWS = 32
+#: Runs shorter than this (values of one feature that are contiguous) use the feature-inner
+#: family; longer ones the feature-outer family, which reuses each feature's data in cache.
+INNER_MAX_RUN = 64
+#: Feature-inner views put k samples side by side until rows are this many values wide.
+TILE_COLUMNS = 1024
 
 _available = None
 
@@ -77,30 +85,70 @@ def fold_plan(x, axis):
     return perm, (A, C, B)
 
 
-def _fold(arr, perm, shape3):
-    """arr as an (A, C, B) view, or None when that needs a copy."""
+def _fold(arr, perm, shape):
+    """arr with its axes in order ``perm``, reshaped to ``shape`` without a copy, or None."""
     try:
-        return np.reshape(arr.transpose(perm), shape3, copy=False)
+        return np.reshape(arr.transpose(perm), shape, copy=False)
     except ValueError:
         return None
 
 
-def _input_view(arr, perm, shape3):
-    view = _fold(arr, perm, shape3)
-    if view is None:  # documented: the one case where an input is copied
-        view = np.ascontiguousarray(arr.transpose(perm)).reshape(shape3)
-    return view
+def _tile_factor(A, width):
+    """How many rows of a feature-inner view to put side by side, so that rows are at least
+    TILE_COLUMNS wide (short rows leave the vector loops mostly in their prologue): the largest
+    divisor k of A with k * width <= TILE_COLUMNS."""
+    for k in range(max(1, TILE_COLUMNS // max(width, 1)), 0, -1):
+        if A % k == 0:
+            return k
+    return 1
 
 
-def _output_view(out, like, perm, shape3):
-    """(result array, its (A, C, B) view, whether the view is a temporary to copy into out)."""
-    if out is not None:
-        view = _fold(out, perm, shape3)
-        if view is not None:
-            return out, view, False
-    buf = np.empty([like.shape[i] for i in perm], dtype=like.dtype)
-    result = buf.transpose(np.argsort(perm))
-    return result, buf.reshape(shape3), out is not None
+class Plan:
+    """Which kernel family runs, on which view of the arrays.
+
+    ``shape`` is the view: (A/k, k*C*B) for the feature-inner family, where each row holds k
+    samples' features side by side and column j belongs to feature (j // B) % C, or (A, C, B)
+    for the feature-outer one. ``perm`` orders x's axes for that view."""
+
+    __slots__ = ("perm", "shape", "inner", "B")
+
+    def view_of(self, arr):
+        """arr (x, dy, out) as this plan's view, or None where that would need a copy."""
+        return _fold(arr, self.perm, self.shape)
+
+    def input_view(self, arr):
+        view = self.view_of(arr)
+        if view is None:  # documented: the one case where an input is copied
+            view = np.ascontiguousarray(arr.transpose(self.perm)).reshape(self.shape)
+        return view
+
+    def output_view(self, out, like):
+        """(result array, its view, whether the view is a temporary to copy into out)."""
+        if out is not None:
+            view = self.view_of(out)
+            if view is not None:
+                return out, view, False
+        buf = np.empty([like.shape[i] for i in self.perm], dtype=like.dtype)
+        return buf.transpose(np.argsort(self.perm)), buf.reshape(self.shape), out is not None
+
+
+def plan(x, axis):
+    """Choose the family and view for x: the tiled feature-inner view if x folds into it,
+    else the plain one, else the feature-outer (A, C, B) view (copying x only if even that
+    fails). Short runs (B < INNER_MAX_RUN) go to the feature-inner family."""
+    p = Plan()
+    p.perm, (A, C, B) = fold_plan(x, axis)
+    p.B = B
+    if B < INNER_MAX_RUN:
+        p.inner = True
+        k = _tile_factor(A, C * B)
+        for shape in ((A // k, k * C * B), (A, C * B)):
+            p.shape = shape
+            if p.view_of(x) is not None:
+                return p
+    p.inner = B == 1
+    p.shape = (A, C * B) if p.inner else (A, C, B)
+    return p
 
 
 # --- the Numba backend -------------------------------------------------------------------------
@@ -135,11 +183,11 @@ def _launch(kern, nbytes, *args):
         _threadsafe_layer = numba.threading_layer() in ("tbb", "omp")
 
 
-def _chunks(A, nbytes):
+def _chunks(rows, nbytes):
     """Row blocks of the feature-inner kernels. A function of the shape alone, never of the
     thread count, so that the summation order (hence every bit of the result) is the same for
     1 or 16 threads and for the serial and parallel twins."""
-    return max(1, min(A, MAX_CHUNKS, nbytes // CHUNK_MIN_BYTES))
+    return max(1, min(rows // CHUNK_MIN_ROWS, MAX_CHUNKS, nbytes // CHUNK_MIN_BYTES))
 
 
 def _weight_bias(args, C):
@@ -150,35 +198,36 @@ def _weight_bias(args, C):
 
 def numba_forward(args):
     K = _numba()
-    x = args.x
-    perm, shape3 = fold_plan(x, args.axis)
-    A, C, B = shape3
-    x3 = _input_view(x, perm, shape3)
-    y, y3, copy_back = _output_view(args.out, x, perm, shape3)
+    x, C = args.x, args.C
+    p = plan(x, args.axis)
+    x_v = p.input_view(x)
+    y, y_v, copy_back = p.output_view(args.out, x)
     weight, bias = _weight_bias(args, C)
-    coef = np.empty((4, C), dtype=x.dtype)
+    coef = np.empty((4, p.shape[1] if p.inner else C), dtype=x.dtype)
+    nchunks = _chunks(p.shape[0], x.nbytes)
     if args.training:
         stats = np.empty((3, C))
-        if B == 1:
-            _launch(K.forward_train_inner, x.nbytes, x3[:, :, 0], y3[:, :, 0], weight, bias,
-                    args.eps, stats, coef, _chunks(A, x.nbytes))
+        if p.inner:
+            _launch(K.forward_train_inner, x.nbytes, x_v, y_v, weight, bias, args.eps, stats,
+                    coef, nchunks, p.B)
         else:
-            _launch(K.forward_train_outer, x.nbytes, x3, y3, weight, bias, args.eps, stats,
+            _launch(K.forward_train_outer, x.nbytes, x_v, y_v, weight, bias, args.eps, stats,
                     coef)
         mean, var, invstd = stats
         update_running_stats(args, mean, var)
     else:
         mean = args.running_mean.astype(np.float64)
         invstd = 1.0 / np.sqrt(args.running_var.astype(np.float64) + args.eps)
-        coef[0] = mean
-        coef[1] = mean - coef[0]
-        coef[2] = weight * invstd
-        coef[3] = bias
-        if B == 1:
-            _launch(K.normalize_inner, x.nbytes, x3[:, :, 0], y3[:, :, 0], coef,
-                    _chunks(A, x.nbytes))
+        features = coef[:, :C]
+        features[0] = mean
+        features[1] = mean - features[0]
+        features[2] = weight * invstd
+        features[3] = bias
+        if p.inner:
+            K.tile_columns(coef, C, p.B)
+            _launch(K.normalize_inner, x.nbytes, x_v, y_v, coef, nchunks)
         else:
-            _launch(K.normalize_outer, x.nbytes, x3, y3, coef)
+            _launch(K.normalize_outer, x.nbytes, x_v, y_v, coef)
     if copy_back:
         np.copyto(args.out, y)
         y = args.out
@@ -188,22 +237,21 @@ def numba_forward(args):
 
 def numba_backward(args):
     K = _numba()
-    x = args.x
-    perm, shape3 = fold_plan(x, args.axis)
-    A, C, B = shape3
-    dx, dx3, copy_back = _output_view(args.out, x, perm, shape3)
+    x, C = args.x, args.C
+    p = plan(x, args.axis)
+    dx, dx_v, copy_back = p.output_view(args.out, x)
     grads = np.zeros((2, C))
     if args.m > 0:  # eval mode allows an empty batch: dx is empty and the sums are zero
-        x3 = _input_view(x, perm, shape3)
-        dy3 = _input_view(args.dy, perm, shape3)
+        x_v = p.input_view(x)
+        dy_v = p.input_view(args.dy)
         weight, _ = _weight_bias(args, C)
-        coef = np.empty((5, C), dtype=x.dtype)
+        coef = np.empty((5, p.shape[1] if p.inner else C), dtype=x.dtype)
         common = (args.mean, args.mean_ulp, args.invstd, weight, args.training, grads, coef)
-        if B == 1:
-            _launch(K.backward_inner, x.nbytes, dy3[:, :, 0], x3[:, :, 0], dx3[:, :, 0],
-                    *common, _chunks(A, x.nbytes))
+        if p.inner:
+            _launch(K.backward_inner, x.nbytes, dy_v, x_v, dx_v, *common,
+                    _chunks(p.shape[0], x.nbytes), p.B)
         else:
-            _launch(K.backward_outer, x.nbytes, dy3, x3, dx3, *common)
+            _launch(K.backward_outer, x.nbytes, dy_v, x_v, dx_v, *common)
     if copy_back:
         np.copyto(args.out, dx)
         dx = args.out

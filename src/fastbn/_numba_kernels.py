@@ -166,23 +166,105 @@ def _scale_rows(dy, dx, a0, a1, coef):
 
 @_helper(REDUCTION_FLAGS)
 def _accumulate_rows(x, a0, a1, shift, partial, t):
-    """Per-feature shifted sums of rows a0..a1 of a (A, C) view into partial[:, t, :]."""
-    for a in range(a0, a1):
-        for c in range(x.shape[1]):
-            d = x[a, c] - shift[c]
-            partial[0, t, c] += d
-            partial[1, t, c] += d * d
+    """Shifted sums per column of rows a0..a1 of a 2-D view, added into partial[:, t, :].
+    Four rows per update: the accumulators' loads and stores, not the arithmetic, bound it."""
+    L = x.shape[1]
+    a = a0
+    while a + 4 <= a1:
+        for j in range(L):
+            k = shift[j]
+            d0 = x[a, j] - k
+            d1 = x[a + 1, j] - k
+            d2 = x[a + 2, j] - k
+            d3 = x[a + 3, j] - k
+            partial[0, t, j] += (d0 + d1) + (d2 + d3)
+            partial[1, t, j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        a += 4
+    for r in range(a, a1):
+        for j in range(L):
+            d = x[r, j] - shift[j]
+            partial[0, t, j] += d
+            partial[1, t, j] += d * d
 
 
 @_helper(REDUCTION_FLAGS)
 def _accumulate_backward_rows(dy, x, a0, a1, shift, partial, t):
-    for a in range(a0, a1):
-        for c in range(x.shape[1]):
-            d = x[a, c] - shift[c]
-            g = dy[a, c] + 0.0
-            partial[0, t, c] += d
-            partial[1, t, c] += g
-            partial[2, t, c] += g * d
+    """Per column of rows a0..a1: sum(x - shift), sum(dy), sum(dy * (x - shift)), two rows
+    per update of the accumulators."""
+    L = x.shape[1]
+    a = a0
+    while a + 2 <= a1:
+        for j in range(L):
+            k = shift[j]
+            d0 = x[a, j] - k
+            d1 = x[a + 1, j] - k
+            g0 = dy[a, j] + 0.0
+            g1 = dy[a + 1, j] + 0.0
+            partial[0, t, j] += d0 + d1
+            partial[1, t, j] += g0 + g1
+            partial[2, t, j] += g0 * d0 + g1 * d1
+        a += 2
+    for r in range(a, a1):
+        for j in range(L):
+            d = x[r, j] - shift[j]
+            g = dy[r, j] + 0.0
+            partial[0, t, j] += d
+            partial[1, t, j] += g
+            partial[2, t, j] += g * d
+
+
+# Column j of a feature-inner view (A, L) holds feature (j // B) % C: L = k * C * B, with k
+# samples side by side. The helpers below walk that as nested (k, C, B) loops, since integer
+# division per column cost more than the arithmetic it indexes.
+
+@njit(**_OPTIONS)
+def _column_shifts(x, C, B):
+    """Shift of each column: the first value of the column's feature, so that all columns of
+    one feature sum around the same point."""
+    L = x.shape[1]
+    shift = np.empty(L)
+    j = 0
+    for _ in range(L // (C * B)):
+        for c in range(C):
+            value = x[0, c * B] + 0.0
+            for _ in range(B):
+                shift[j] = value
+                j += 1
+    return shift
+
+
+@njit(**_OPTIONS)
+def _fold_columns(partial, C, B):
+    """partial (S, nchunks, L) -> per-feature sums (S, C), in a fixed order."""
+    S, nchunks, L = partial.shape
+    sums = np.zeros((S, C))
+    for s in range(S):
+        for t in range(nchunks):
+            j = 0
+            for _ in range(L // (C * B)):
+                for c in range(C):
+                    acc = 0.0
+                    for _ in range(B):
+                        acc += partial[s, t, j]
+                        j += 1
+                    sums[s, c] += acc
+    return sums
+
+
+@njit(**_OPTIONS)
+def tile_columns(coef, C, B):
+    """coef[:, j] = coef[:, feature of column j] for every column j, in place: columns 0..C-1
+    hold the features' values on entry. Columns are rewritten from the last one down, and the
+    source column (a feature index c) is never above the column j being written, so no source
+    is overwritten before it is read."""
+    L = coef.shape[1]
+    j = L - 1
+    for _ in range(L // (C * B)):
+        for c in range(C - 1, -1, -1):
+            for _ in range(B):
+                for r in range(coef.shape[0]):
+                    coef[r, j] = coef[r, c]
+                j -= 1
 
 
 # --- per-feature finishing steps (scalars in, scalars out) -----------------------------------------
@@ -261,23 +343,21 @@ def forward_train_outer(x, y, weight, bias, eps, stats, coef):
 
 
 @kernel
-def forward_train_inner(x, y, weight, bias, eps, stats, coef, nchunks):
-    """Training forward on a (A, C) view: per-chunk partial sums, combine, normalize rows."""
-    A, C = x.shape
-    shift = np.empty(C)
-    for c in range(C):
-        shift[c] = x[0, c]
-    partial = np.zeros((2, nchunks, C))
+def forward_train_inner(x, y, weight, bias, eps, stats, coef, nchunks, B):
+    """Training forward on a feature-inner view (A, L): column j holds feature (j // B) % C.
+    Per-chunk partial sums, folded per feature, then rows normalized with tiled coefficients."""
+    A, L = x.shape
+    C = weight.shape[0]
+    m = A * (L // C)
+    shift = _column_shifts(x, C, B)
+    partial = np.zeros((2, nchunks, L))
     for t in prange(nchunks):
         _accumulate_rows(x, t * A // nchunks, (t + 1) * A // nchunks, shift, partial, t)
+    sums = _fold_columns(partial, C, B)
     for c in range(C):
-        s1 = 0.0
-        s2 = 0.0
-        for t in range(nchunks):
-            s1 += partial[0, t, c]
-            s2 += partial[1, t, c]
-        mean, var, invstd = _stats(s1, s2, shift[c], A, eps)
+        mean, var, invstd = _stats(sums[0, c], sums[1, c], shift[c * B], m, eps)
         _store_stats(stats, coef, c, mean, var, invstd, weight[c], bias[c])
+    tile_columns(coef, C, B)
     for t in prange(nchunks):
         _normalize_rows(x, y, t * A // nchunks, (t + 1) * A // nchunks, coef)
 
@@ -293,7 +373,7 @@ def normalize_outer(x, y, coef):
 
 @kernel
 def normalize_inner(x, y, coef, nchunks):
-    """The same on a (A, C) view."""
+    """The same on a feature-inner view, with coefficients already tiled to its columns."""
     A = x.shape[0]
     for t in prange(nchunks):
         _normalize_rows(x, y, t * A // nchunks, (t + 1) * A // nchunks, coef)
@@ -326,27 +406,23 @@ def backward_outer(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, training, gr
 
 @kernel
 def backward_inner(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, training, grads, coef,
-                   nchunks):
-    """Backward on (A, C) views: per-chunk partial sums, combine, dx rows."""
-    A, C = x.shape
-    shift = np.empty(C)
-    for c in range(C):
-        shift[c] = x[0, c]
-    partial = np.zeros((3, nchunks, C))
+                   nchunks, B):
+    """Backward on feature-inner views (A, L): per-chunk partial sums, fold, dx rows."""
+    A, L = x.shape
+    C = weight.shape[0]
+    m = A * (L // C)
+    shift = _column_shifts(x, C, B)
+    partial = np.zeros((3, nchunks, L))
     for t in prange(nchunks):
         _accumulate_backward_rows(dy, x, t * A // nchunks, (t + 1) * A // nchunks, shift,
                                   partial, t)
+    sums = _fold_columns(partial, C, B)
     for c in range(C):
-        sx = 0.0
-        sdy = 0.0
-        sdyx = 0.0
-        for t in range(nchunks):
-            sx += partial[0, t, c]
-            sdy += partial[1, t, c]
-            sdyx += partial[2, t, c]
-        mean, dgamma, k, c1, c2 = _grad_terms(sx, sdy, sdyx, shift[c], A, mean_in[c],
-                                              mean_ulp[c], invstd_in[c], weight[c], training)
-        _store_grads(grads, coef, c, mean, dgamma, sdy, k, c1, c2)
+        mean, dgamma, k, c1, c2 = _grad_terms(sums[0, c], sums[1, c], sums[2, c], shift[c * B],
+                                              m, mean_in[c], mean_ulp[c], invstd_in[c],
+                                              weight[c], training)
+        _store_grads(grads, coef, c, mean, dgamma, sums[1, c], k, c1, c2)
+    tile_columns(coef, C, B)
     for t in prange(nchunks):
         a0 = t * A // nchunks
         a1 = (t + 1) * A // nchunks
