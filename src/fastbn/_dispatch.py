@@ -16,7 +16,7 @@ import os
 import numpy as np
 
 from . import reference
-from ._common import BackwardResult, ForwardResult, stats_dtype, update_running_stats
+from ._common import BackwardResult, ForwardResult, stats_dtype
 
 BACKEND_ENV = "FASTBN_BACKEND"
 #: Below this many bytes of x a kernel runs serially: waking the thread pool costs more.
@@ -108,18 +108,21 @@ class Plan:
 
     ``shape`` is the view: (A/k, k*C*B) for the feature-inner family, where each row holds k
     samples' features side by side and column j belongs to feature (j // B) % C, or (A, C, B)
-    for the feature-outer one. ``perm`` orders x's axes for that view."""
+    for the feature-outer one. ``perm`` orders x's axes for that view (None: as they are)."""
 
     __slots__ = ("perm", "shape", "inner", "B")
 
     def view_of(self, arr):
         """arr (x, dy, out) as this plan's view, or None where that would need a copy."""
-        return _fold(arr, self.perm, self.shape)
+        if self.perm is None and arr.flags.c_contiguous:
+            return arr.reshape(self.shape)
+        return _fold(arr, self.perm or range(arr.ndim), self.shape)
 
     def input_view(self, arr):
         view = self.view_of(arr)
         if view is None:  # documented: the one case where an input is copied
-            view = np.ascontiguousarray(arr.transpose(self.perm)).reshape(self.shape)
+            ordered = arr if self.perm is None else arr.transpose(self.perm)
+            view = np.ascontiguousarray(ordered).reshape(self.shape)
         return view
 
     def output_view(self, out, like):
@@ -128,26 +131,47 @@ class Plan:
             view = self.view_of(out)
             if view is not None:
                 return out, view, False
+        if self.perm is None:
+            buf = np.empty(like.shape, dtype=like.dtype)
+            return buf, buf.reshape(self.shape), out is not None
         buf = np.empty([like.shape[i] for i in self.perm], dtype=like.dtype)
         return buf.transpose(np.argsort(self.perm)), buf.reshape(self.shape), out is not None
+
+
+_plans = {}
+#: Plans depend on x's shape, strides and axis only; training loops repeat a few of them.
+_PLAN_CACHE_SIZE = 256
 
 
 def plan(x, axis):
     """Choose the family and view for x: the tiled feature-inner view if x folds into it,
     else the plain one, else the feature-outer (A, C, B) view (copying x only if even that
     fails). Short runs (B < INNER_MAX_RUN) go to the feature-inner family."""
+    key = (x.shape, x.strides, axis)
+    p = _plans.get(key)
+    if p is None:
+        p = _new_plan(x, axis)
+        if len(_plans) >= _PLAN_CACHE_SIZE:
+            _plans.clear()
+        _plans[key] = p
+    return p
+
+
+def _new_plan(x, axis):
     p = Plan()
-    p.perm, (A, C, B) = fold_plan(x, axis)
+    perm, (A, C, B) = fold_plan(x, axis)
+    p.perm = tuple(perm)
     p.B = B
+    candidates = []
     if B < INNER_MAX_RUN:
-        p.inner = True
         k = _tile_factor(A, C * B)
-        for shape in ((A // k, k * C * B), (A, C * B)):
-            p.shape = shape
-            if p.view_of(x) is not None:
-                return p
-    p.inner = B == 1
-    p.shape = (A, C * B) if p.inner else (A, C, B)
+        candidates = [(True, (A // k, k * C * B)), (True, (A, C * B))]
+    candidates.append((B == 1, (A, C * B) if B == 1 else (A, C, B)))
+    for p.inner, p.shape in candidates:
+        if p.view_of(x) is not None:
+            break
+    if p.perm == tuple(range(x.ndim)):
+        p.perm = None
     return p
 
 
@@ -213,8 +237,10 @@ def numba_forward(args):
         else:
             _launch(K.forward_train_outer, x.nbytes, x_v, y_v, weight, bias, args.eps, stats,
                     coef)
-        mean, var, invstd = stats
-        update_running_stats(args, mean, var)
+        if args.running_mean is not None:
+            K.update_running_stats(args.running_mean, args.running_var, stats, args.momentum,
+                                   args.m)
+        mean, _, invstd = stats
     else:
         mean = args.running_mean.astype(np.float64)
         invstd = 1.0 / np.sqrt(args.running_var.astype(np.float64) + args.eps)

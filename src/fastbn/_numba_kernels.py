@@ -432,6 +432,18 @@ def backward_inner(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, training, gr
             _scale_rows(dy, dx, a0, a1, coef)
 
 
+@njit(**_OPTIONS)
+def update_running_stats(running_mean, running_var, stats, momentum, m):
+    """The compiled twin of fastbn._common.update_running_stats (same operations in the same
+    order, so the same bits; there it is about 6 us of NumPy calls per step)."""
+    unbias = m / (m - 1)
+    for c in range(running_mean.shape[0]):
+        new_mean = (1.0 - momentum) * running_mean[c] + momentum * stats[0, c]
+        new_var = (1.0 - momentum) * running_var[c] + momentum * (stats[1, c] * unbias)
+        running_mean[c] = new_mean
+        running_var[c] = new_var
+
+
 @kernel
 def copy_flat(src, dst):
     """dst[:] = src[:] on 1-D arrays: the bandwidth yardstick of the benchmark."""

@@ -51,7 +51,8 @@ def _float_array(value, name):
 
 
 def _axis(axis, ndim):
-    if isinstance(axis, (bool, np.bool_)) or not isinstance(axis, numbers.Integral):
+    if type(axis) is not int and (isinstance(axis, (bool, np.bool_))
+                                  or not isinstance(axis, numbers.Integral)):
         raise TypeError(f"axis must be an integer, got {type(axis).__name__}")
     axis = int(axis)
     if not -ndim <= axis < ndim:
@@ -83,7 +84,8 @@ def _flag(value, name):
 
 
 def _real(value, name):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    if type(value) is not float and (isinstance(value, (bool, np.bool_))
+                                     or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
@@ -105,7 +107,7 @@ def _running(value, name, C):
 
 
 def _values_per_feature(shape, axis):
-    return math.prod(n for i, n in enumerate(shape) if i != axis)
+    return math.prod(shape[:axis]) * math.prod(shape[axis + 1:])
 
 
 def _backend(backend):
@@ -134,9 +136,9 @@ def _out(out, like, name_like, allowed_aliases):
     if not out.flags.writeable:
         raise ValueError("out must be writable")
     for arr in allowed_aliases:
-        if _same_view(out, arr):
+        if out is arr or not np.may_share_memory(out, arr) or _same_view(out, arr):
             continue
-        if np.may_share_memory(out, arr) and np.shares_memory(out, arr, max_work=10**6):
+        if np.shares_memory(out, arr, max_work=10**6):
             raise ValueError("out overlaps an input without being that very array; pass a "
                              "separate array, or the input itself for in-place use")
     return out
