@@ -227,10 +227,10 @@ def numba_forward(args):
     x_v = p.input_view(x)
     y, y_v, copy_back = p.output_view(args.out, x)
     weight, bias = _weight_bias(args, C)
-    coef = np.empty((4, p.shape[1] if p.inner else C), dtype=x.dtype)
+    coef = np.empty((5, p.shape[1] if p.inner else C), dtype=x.dtype)
     nchunks = _chunks(p.shape[0], x.nbytes)
+    stats = np.empty((3, C))
     if args.training:
-        stats = np.empty((3, C))
         if p.inner:
             _launch(K.forward_train_inner, x.nbytes, x_v, y_v, weight, bias, args.eps, stats,
                     coef, nchunks, p.B)
@@ -240,15 +240,9 @@ def numba_forward(args):
         if args.running_mean is not None:
             K.update_running_stats(args.running_mean, args.running_var, stats, args.momentum,
                                    args.m)
-        mean, _, invstd = stats
     else:
-        mean = args.running_mean.astype(np.float64)
-        invstd = 1.0 / np.sqrt(args.running_var.astype(np.float64) + args.eps)
-        features = coef[:, :C]
-        features[0] = mean
-        features[1] = mean - features[0]
-        features[2] = weight * invstd
-        features[3] = bias
+        K.eval_coefficients(args.running_mean, args.running_var, weight, bias, args.eps, stats,
+                            coef)
         if p.inner:
             K.tile_columns(coef, C, p.B)
             _launch(K.normalize_inner, x.nbytes, x_v, y_v, coef, nchunks)
@@ -258,7 +252,7 @@ def numba_forward(args):
         np.copyto(args.out, y)
         y = args.out
     sdt = stats_dtype(x.dtype)
-    return ForwardResult(y, mean.astype(sdt), invstd.astype(sdt))
+    return ForwardResult(y, stats[0].astype(sdt), stats[2].astype(sdt))
 
 
 def numba_backward(args):
@@ -271,7 +265,7 @@ def numba_backward(args):
         x_v = p.input_view(x)
         dy_v = p.input_view(args.dy)
         weight, _ = _weight_bias(args, C)
-        coef = np.empty((5, p.shape[1] if p.inner else C), dtype=x.dtype)
+        coef = np.empty((6, p.shape[1] if p.inner else C), dtype=x.dtype)
         common = (args.mean, args.mean_ulp, args.invstd, weight, args.training, grads, coef)
         if p.inner:
             _launch(K.backward_inner, x.nbytes, dy_v, x_v, dx_v, *common,

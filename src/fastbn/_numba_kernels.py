@@ -29,6 +29,7 @@ Kernels never check arguments or allocate outputs (the caller passes ``stats``/`
 arrays); every kernel is compiled twice, a ``parallel`` and a ``serial`` version, and both are
 cached on disk.
 """
+import math
 import os
 import threading
 import types
@@ -116,28 +117,30 @@ def _backward_sums(dy, x, a, c, shift):
 
 @_helper(ELEMENTWISE_FLAGS)
 def _normalize_run(x, y, a, c, coef):
-    hi = coef[0, c]
-    lo = coef[1, c]
-    scale = coef[2, c]
-    shift = coef[3, c]
+    s = coef[0, c]
+    hi = coef[1, c]
+    lo = coef[2, c]
+    scale = coef[3, c]
+    shift = coef[4, c]
     for b in range(x.shape[2]):
-        y[a, c, b] = ((x[a, c, b] - hi) - lo) * scale + shift
+        y[a, c, b] = ((x[a, c, b] * s - hi) - lo) * scale + shift
 
 
 @_helper(ELEMENTWISE_FLAGS)
 def _dx_run(dy, x, dx, a, c, coef):
-    hi = coef[0, c]
-    lo = coef[1, c]
-    k = coef[2, c]
-    c1 = coef[3, c]
-    c2 = coef[4, c]
+    s = coef[0, c]
+    hi = coef[1, c]
+    lo = coef[2, c]
+    k = coef[3, c]
+    u1 = coef[4, c]
+    u2 = coef[5, c]
     for b in range(x.shape[2]):
-        dx[a, c, b] = dy[a, c, b] * k + ((x[a, c, b] - hi) - lo) * c1 + c2
+        dx[a, c, b] = (dy[a, c, b] + ((x[a, c, b] * s - hi) - lo) * u1 + u2) * k
 
 
 @_helper(ELEMENTWISE_FLAGS)
 def _scale_run(dy, dx, a, c, coef):
-    k = coef[2, c]
+    k = coef[3, c]
     for b in range(dy.shape[2]):
         dx[a, c, b] = dy[a, c, b] * k
 
@@ -146,22 +149,22 @@ def _scale_run(dy, dx, a, c, coef):
 def _normalize_rows(x, y, a0, a1, coef):
     for a in range(a0, a1):
         for c in range(x.shape[1]):
-            y[a, c] = ((x[a, c] - coef[0, c]) - coef[1, c]) * coef[2, c] + coef[3, c]
+            y[a, c] = ((x[a, c] * coef[0, c] - coef[1, c]) - coef[2, c]) * coef[3, c] + coef[4, c]
 
 
 @_helper(ELEMENTWISE_FLAGS)
 def _dx_rows(dy, x, dx, a0, a1, coef):
     for a in range(a0, a1):
         for c in range(x.shape[1]):
-            dx[a, c] = (dy[a, c] * coef[2, c] + ((x[a, c] - coef[0, c]) - coef[1, c]) * coef[3, c]
-                        + coef[4, c])
+            dx[a, c] = (dy[a, c] + ((x[a, c] * coef[0, c] - coef[1, c]) - coef[2, c]) * coef[4, c]
+                        + coef[5, c]) * coef[3, c]
 
 
 @_helper(ELEMENTWISE_FLAGS)
 def _scale_rows(dy, dx, a0, a1, coef):
     for a in range(a0, a1):
         for c in range(dy.shape[1]):
-            dx[a, c] = dy[a, c] * coef[2, c]
+            dx[a, c] = dy[a, c] * coef[3, c]
 
 
 @_helper(REDUCTION_FLAGS)
@@ -284,7 +287,8 @@ def _stats(s1, s2, shift, m, eps):
 @njit(**_OPTIONS)
 def _grad_terms(sx, sdy, sdyx, shift, m, mean, mean_ulp, invstd, weight, training):
     """From a feature's sums around ``shift``: the mean used, dgamma, and the coefficients of
-    ``dx = dy*k + (x - mean)*c1 + c2`` (c1 = c2 = 0 in eval mode)."""
+    ``dx = k * (dy + (x - mean) * u1 + u2)`` (u1 = u2 = 0 in eval mode). Factoring k out keeps
+    u1 and u2 in float32's normal range even for data near its maximum."""
     if training:
         batch_mean = shift + sx / m
         if abs(batch_mean - mean) <= mean_ulp:
@@ -292,33 +296,62 @@ def _grad_terms(sx, sdy, sdyx, shift, m, mean, mean_ulp, invstd, weight, trainin
     dgamma = (sdyx - (mean - shift) * sdy) * invstd
     k = weight * invstd
     if training:
-        return mean, dgamma, k, -k * invstd * dgamma / m, -k * sdy / m
+        return mean, dgamma, k, -invstd * dgamma / m, -sdy / m
     return mean, dgamma, k, 0.0, 0.0
 
 
 @njit(**_OPTIONS)
-def _store_stats(stats, coef, c, mean, var, invstd, weight, bias):
-    """stats[:, c] = mean, var, invstd; coef[:, c] = mean_hi, mean_lo, scale, shift, where
-    mean_hi is the mean rounded to x's dtype and mean_lo what the rounding lost."""
-    stats[0, c] = mean
-    stats[1, c] = var
-    stats[2, c] = invstd
-    coef[0, c] = mean
-    coef[1, c] = mean - coef[0, c]
-    coef[2, c] = weight * invstd
-    coef[3, c] = bias
+def _prescale(mean, var):
+    """A power of two s for one feature, 1 for ordinary data. When the mean or the spread pass
+    2**64, the elementwise loops work on x * s (exact) so that ``x - mean`` cannot overflow
+    float32 and ``gamma * invstd`` cannot fall into its subnormals; the coefficients are
+    scaled to match. NaN and Inf statistics keep s = 1."""
+    bound = np.sqrt(var)
+    if abs(mean) > bound:
+        bound = abs(mean)
+    if bound > 2.0 ** 64 and bound < np.inf:
+        return math.ldexp(1.0, 64 - math.frexp(bound)[1])
+    return 1.0
 
 
 @njit(**_OPTIONS)
-def _store_grads(grads, coef, c, mean, dgamma, dbeta, k, c1, c2):
-    """grads[:, c] = dgamma, dbeta; coef[:, c] = mean_hi, mean_lo, k, c1, c2."""
+def _store_stats(stats, coef, c, mean, var, invstd, weight, bias):
+    """stats[:, c] = mean, var, invstd; coef[:, c] = s, mean_hi, mean_lo, scale, shift with
+    ``y = ((x * s - mean_hi) - mean_lo) * scale + shift``: mean_hi is mean * s rounded to x's
+    dtype and mean_lo what the rounding lost."""
+    stats[0, c] = mean
+    stats[1, c] = var
+    stats[2, c] = invstd
+    s = _prescale(mean, var)
+    coef[0, c] = s
+    coef[1, c] = mean * s
+    coef[2, c] = mean * s - coef[1, c]
+    coef[3, c] = weight * invstd / s
+    coef[4, c] = bias
+
+
+@njit(**_OPTIONS)
+def _store_grads(grads, coef, c, mean, var, dgamma, dbeta, k, u1, u2):
+    """grads[:, c] = dgamma, dbeta; coef[:, c] = s, mean_hi, mean_lo, k, u1 / s, u2 with
+    ``dx = (dy + ((x * s - mean_hi) - mean_lo) * (u1 / s) + u2) * k``."""
     grads[0, c] = dgamma
     grads[1, c] = dbeta
-    coef[0, c] = mean
-    coef[1, c] = mean - coef[0, c]
-    coef[2, c] = k
-    coef[3, c] = c1
-    coef[4, c] = c2
+    s = _prescale(mean, var)
+    coef[0, c] = s
+    coef[1, c] = mean * s
+    coef[2, c] = mean * s - coef[1, c]
+    coef[3, c] = k
+    coef[4, c] = u1 / s
+    coef[5, c] = u2
+
+
+@njit(**_OPTIONS)
+def eval_coefficients(running_mean, running_var, weight, bias, eps, stats, coef):
+    """Eval-mode statistics and normalizing coefficients from the running statistics."""
+    for c in range(running_mean.shape[0]):
+        mean = running_mean[c] + 0.0
+        var = running_var[c] + 0.0
+        _store_stats(stats, coef, c, mean, var, 1.0 / np.sqrt(var + eps), weight[c], bias[c])
 
 
 # --- kernels -----------------------------------------------------------------------------------
@@ -394,9 +427,10 @@ def backward_outer(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, training, gr
             sx += r0
             sdy += r1
             sdyx += r2
-        mean, dgamma, k, c1, c2 = _grad_terms(sx, sdy, sdyx, shift, m, mean_in[c], mean_ulp[c],
+        mean, dgamma, k, u1, u2 = _grad_terms(sx, sdy, sdyx, shift, m, mean_in[c], mean_ulp[c],
                                               invstd_in[c], weight[c], training)
-        _store_grads(grads, coef, c, mean, dgamma, sdy, k, c1, c2)
+        _store_grads(grads, coef, c, mean, 1.0 / (invstd_in[c] * invstd_in[c]), dgamma, sdy, k,
+                     u1, u2)
         for a in range(A):
             if training:
                 _dx_run(dy, x, dx, a, c, coef)
@@ -418,10 +452,11 @@ def backward_inner(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, training, gr
                                   partial, t)
     sums = _fold_columns(partial, C, B)
     for c in range(C):
-        mean, dgamma, k, c1, c2 = _grad_terms(sums[0, c], sums[1, c], sums[2, c], shift[c * B],
+        mean, dgamma, k, u1, u2 = _grad_terms(sums[0, c], sums[1, c], sums[2, c], shift[c * B],
                                               m, mean_in[c], mean_ulp[c], invstd_in[c],
                                               weight[c], training)
-        _store_grads(grads, coef, c, mean, dgamma, sums[1, c], k, c1, c2)
+        _store_grads(grads, coef, c, mean, 1.0 / (invstd_in[c] * invstd_in[c]), dgamma,
+                     sums[1, c], k, u1, u2)
     tile_columns(coef, C, B)
     for t in prange(nchunks):
         a0 = t * A // nchunks
