@@ -11,14 +11,16 @@ Arguments arrive here already validated (:mod:`fastbn._validate`). This module d
 """
 import importlib.util
 import math
+import numbers
 import os
 
 import numpy as np
 
 from . import reference
-from ._common import BackwardResult, ForwardResult, stats_dtype
+from ._common import BackwardResult, ForwardResult, stats_dtype, update_running_stats
 
 BACKEND_ENV = "FASTBN_BACKEND"
+THREADS_ENV = "FASTBN_NUM_THREADS"
 #: Below this many bytes of x a kernel runs serially: waking the thread pool costs more.
 PARALLEL_MIN_BYTES = 256 * 1024
 
@@ -66,14 +68,19 @@ def resolve_backend(backend):
 
 # --- the (A, C, B) view ------------------------------------------------------------------------
 
-def fold_plan(x, axis):
-    """Order of x's axes, (A axes..., feature, B axes...), and the folded shape (A, C, B)."""
+def fold_plan(x, axis, broadcast_outer=False):
+    """Order of x's axes, (A axes..., feature, B axes...), and the folded shape (A, C, B).
+    With ``broadcast_outer``, stride-0 axes (np.broadcast_to) go to A, where the kernels take
+    any stride: they cannot merge with a strided axis anywhere else."""
     shape, strides = x.shape, x.strides
     C = shape[axis]
     others = [i for i in range(x.ndim) if i != axis]
     trivial = [i for i in others if shape[i] <= 1]
     # By decreasing |stride|, so that C-, F- and channels-last orders all fold without a copy.
     sized = sorted((i for i in others if shape[i] > 1), key=lambda i: -abs(strides[i]))
+    if broadcast_outer:
+        trivial += [i for i in sized if strides[i] == 0]
+        sized = [i for i in sized if strides[i] != 0]
     if C > 1:
         outer = [i for i in sized if abs(strides[i]) > abs(strides[axis])]
         inner = [i for i in sized if abs(strides[i]) <= abs(strides[axis])]
@@ -159,17 +166,21 @@ def plan(x, axis):
 
 def _new_plan(x, axis):
     p = Plan()
-    perm, (A, C, B) = fold_plan(x, axis)
-    p.perm = tuple(perm)
-    p.B = B
-    candidates = []
-    if B < INNER_MAX_RUN:
-        k = _tile_factor(A, C * B)
-        candidates = [(True, (A // k, k * C * B)), (True, (A, C * B))]
-    candidates.append((B == 1, (A, C * B) if B == 1 else (A, C, B)))
-    for p.inner, p.shape in candidates:
-        if p.view_of(x) is not None:
-            break
+    for broadcast_outer in (False, True):
+        perm, (A, C, B) = fold_plan(x, axis, broadcast_outer)
+        p.perm = tuple(perm)
+        p.B = B
+        candidates = []
+        if B < INNER_MAX_RUN:
+            k = _tile_factor(A, C * B)
+            candidates = [(True, (A // k, k * C * B)), (True, (A, C * B))]
+        candidates.append((B == 1, (A, C * B) if B == 1 else (A, C, B)))
+        for p.inner, p.shape in candidates:
+            if p.view_of(x) is not None:
+                break
+        else:
+            continue  # no view without a copy: try the other order
+        break
     if p.perm == tuple(range(x.ndim)):
         p.perm = None
     return p
@@ -191,20 +202,66 @@ def _numba():
     return _kernels
 
 
+# --- threads -------------------------------------------------------------------------------------
+# fastbn's thread count is one process-wide number, set by set_num_threads() (initially from
+# $FASTBN_NUM_THREADS, else every thread Numba has). Numba's own setting is per calling thread,
+# so each launch applies ours for its duration and gives the caller's back.
+
+_num_threads = None
+
+
+def _check_threads(n, name):
+    import numba
+
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {n!r}")
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not 1 <= int(n) <= limit:
+        raise ValueError(f"{name} must be between 1 and {limit} (NUMBA_NUM_THREADS, the size of "
+                         f"Numba's thread pool), got {n}")
+    return int(n)
+
+
+def set_num_threads(n):
+    """Set how many threads fastbn's kernels use, for calls from every Python thread."""
+    global _num_threads
+    _num_threads = _check_threads(n, "n")
+
+
+def get_num_threads():
+    """How many threads fastbn's kernels use."""
+    global _num_threads
+    if _num_threads is None:
+        import numba
+
+        env = os.environ.get(THREADS_ENV)
+        _num_threads = (numba.config.NUMBA_NUM_THREADS if not env else
+                        _check_threads(int(env) if env.strip().isdigit() else env, THREADS_ENV))
+    return _num_threads
+
+
 def _launch(kern, nbytes, *args):
     """Run the parallel twin for large arrays, the serial one for small ones."""
     global _threadsafe_layer
     import numba
 
-    if nbytes < PARALLEL_MIN_BYTES or numba.get_num_threads() == 1:
+    threads = get_num_threads()
+    if nbytes < PARALLEL_MIN_BYTES or threads == 1:
         return kern.serial(*args)
-    if _threadsafe_layer:
-        return kern.parallel(*args)
-    # Until we know the active threading layer is thread-safe (it is not when a user forced
-    # "workqueue"), parallel launches are serialized.
-    with _numba()._launch_lock:
-        kern.parallel(*args)
-        _threadsafe_layer = numba.threading_layer() in ("tbb", "omp")
+    callers = numba.get_num_threads()
+    if callers != threads:
+        numba.set_num_threads(threads)
+    try:
+        if _threadsafe_layer:
+            return kern.parallel(*args)
+        # Until we know the active threading layer is thread-safe (it is not when a user
+        # forced "workqueue"), parallel launches are serialized.
+        with _numba()._launch_lock:
+            kern.parallel(*args)
+            _threadsafe_layer = numba.threading_layer() in ("tbb", "omp")
+    finally:
+        if callers != threads:
+            numba.set_num_threads(callers)
 
 
 def _chunks(rows, nbytes):
@@ -212,6 +269,14 @@ def _chunks(rows, nbytes):
     thread count, so that the summation order (hence every bit of the result) is the same for
     1 or 16 threads and for the serial and parallel twins."""
     return max(1, min(rows // CHUNK_MIN_ROWS, MAX_CHUNKS, nbytes // CHUNK_MIN_BYTES))
+
+
+_NUMBA_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _numba_float(arr):
+    """arr itself if Numba takes its dtype, else a float64 copy (float16, longdouble)."""
+    return arr if arr.dtype in _NUMBA_FLOATS else arr.astype(np.float64)
 
 
 def _weight_bias(args, C):
@@ -237,12 +302,17 @@ def numba_forward(args):
         else:
             _launch(K.forward_train_outer, x.nbytes, x_v, y_v, weight, bias, args.eps, stats,
                     coef)
-        if args.running_mean is not None:
+        if args.running_mean is None:
+            pass
+        elif (args.running_mean.dtype in _NUMBA_FLOATS
+              and args.running_var.dtype in _NUMBA_FLOATS):
             K.update_running_stats(args.running_mean, args.running_var, stats, args.momentum,
                                    args.m)
+        else:  # float16, longdouble: dtypes Numba lacks take the NumPy twin
+            update_running_stats(args, stats[0], stats[1])
     else:
-        K.eval_coefficients(args.running_mean, args.running_var, weight, bias, args.eps, stats,
-                            coef)
+        K.eval_coefficients(_numba_float(args.running_mean), _numba_float(args.running_var),
+                            weight, bias, args.eps, stats, coef)
         if p.inner:
             K.tile_columns(coef, C, p.B)
             _launch(K.normalize_inner, x.nbytes, x_v, y_v, coef, nchunks)
