@@ -158,3 +158,12 @@ def test_backward_uses_given_mean_when_it_is_not_the_batch_mean():
 def test_available_backends():
     names = fastbn.available_backends()
     assert names[-1] == "reference" and "numba" in names
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import fastbn.api
+
+    result = doctest.testmod(fastbn.api)
+    assert result.attempted >= 3 and result.failed == 0

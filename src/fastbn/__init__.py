@@ -6,8 +6,7 @@ and compile or come from the on-disk cache, on the first call.
 """
 from . import reference
 from ._common import BackwardResult, ForwardResult
-from ._dispatch import get_num_threads, set_num_threads
-from .api import available_backends, backward, forward
+from .api import available_backends, backward, forward, get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
 __all__ = ["forward", "backward", "available_backends", "set_num_threads", "get_num_threads",

@@ -143,3 +143,48 @@ def backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, training=Tru
     args = backward_args(dy, x, mean, invstd, gamma, beta, axis, training, activation, out,
                          backend)
     return _dispatch.backward(args)
+
+
+def set_num_threads(n):
+    """Set how many threads fastbn's kernels use.
+
+    One process-wide count, applied to calls from every Python thread (Numba's own
+    ``numba.set_num_threads`` is per calling thread; fastbn applies its count around each
+    parallel launch and restores the caller's). The starting value is ``$FASTBN_NUM_THREADS``
+    if set, else every thread of Numba's pool (``NUMBA_NUM_THREADS``). With 1, kernels run
+    serially. Results do not depend on the count, bit for bit.
+
+    Parameters
+    ----------
+    n : int
+        1 <= n <= NUMBA_NUM_THREADS.
+
+    Raises
+    ------
+    TypeError
+        n is not an integer.
+    ValueError
+        n is outside [1, NUMBA_NUM_THREADS].
+
+    Examples
+    --------
+    >>> import fastbn
+    >>> before = fastbn.get_num_threads()
+    >>> fastbn.set_num_threads(1)
+    >>> fastbn.get_num_threads()
+    1
+    >>> fastbn.set_num_threads(before)
+    """
+    _dispatch.set_num_threads(n)
+
+
+def get_num_threads():
+    """The number of threads fastbn's kernels use (see :func:`set_num_threads`).
+
+    Raises
+    ------
+    TypeError, ValueError
+        ``$FASTBN_NUM_THREADS`` is set but is not an integer in [1, NUMBA_NUM_THREADS]
+        (reported on first use).
+    """
+    return _dispatch.get_num_threads()
