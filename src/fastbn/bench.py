@@ -1,8 +1,9 @@
 """Comparison table: fastbn beside a parallel memory copy, the NumPy reference and PyTorch.
 
 Run ``python -m fastbn.bench`` (``--help`` for options). Every figure is the median of several
-timed samples taken in this one process, after a warm-up call outside the timed region; the
-ratios compare figures of the same run only. See bench/README.md for what each column means.
+timed samples taken in this one process, after a warm-up call outside the timed region. The
+contenders of a row (copy, fastbn, PyTorch, reference) are timed in interleaved rounds, so the
+ratios between them, all from one run, survive the machine's drifts. See bench/README.md.
 
 The case table below is the one source of benchmark cases: bench/test_bench.py (the
 pytest-benchmark suites) generates its tests from it too.
@@ -51,22 +52,33 @@ QUICK_CASES = (
 MIN_SAMPLE_S = 0.002
 
 
-def median_time(fn, samples, budget_s=None):
-    """Median seconds per call of ``fn()``, after one warm-up call outside the timing."""
+def _calibrate(fn):
+    """Calls per sample so that a sample lasts MIN_SAMPLE_S, after a warm-up call; and the
+    time of one call."""
     fn()
     start = time.perf_counter()
     fn()
     once = max(time.perf_counter() - start, 1e-7)
-    inner = max(1, int(MIN_SAMPLE_S / once))
-    if budget_s is not None:  # slow functions (the reference on big arrays) get fewer samples
-        samples = max(3, min(samples, int(budget_s / (once * inner))))
-    times = []
-    for _ in range(samples):
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        times.append((time.perf_counter() - start) / inner)
-    return statistics.median(times)
+    return max(1, int(MIN_SAMPLE_S / once)), once
+
+
+def interleaved_medians(fns, samples, slow_budget_s=3.0):
+    """Median seconds per call of each function in ``fns`` (a dict), timed in interleaved
+    rounds: every round times each function once, so that a slow drift of the machine lands
+    on all of them alike and the ratios between them stay fair. Functions slower than
+    ``slow_budget_s`` in total (the reference on big arrays) take part in fewer rounds."""
+    plan = {name: _calibrate(fn) for name, fn in fns.items()}
+    times = {name: [] for name in fns}
+    for round_ in range(samples):
+        for name, fn in fns.items():
+            inner, once = plan[name]
+            if round_ >= 3 and round_ * inner * once > slow_budget_s:
+                continue
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - start) / inner)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 class Workload:
@@ -152,32 +164,36 @@ def run(cases, thread_counts, samples, with_reference=True, with_torch=True, log
     """Time every case at every thread count; returns a list of row dicts."""
     import numba
 
+    import fastbn
+
     rows = []
     with_torch = with_torch and _torch_available()
     if with_torch:
         import torch
-    for case in cases:
-        work = Workload(case)
-        for threads in thread_counts:
-            numba.set_num_threads(threads)
-            if with_torch:
-                torch.set_num_threads(threads)
-            row = {"case": case.name, "shape": list(case.shape), "axis": case.axis,
-                   "dtype": case.dtype, "MB": 2 * case.nbytes / 1e6, "threads": threads}
-            row["copy"] = median_time(work.copy(), samples)
-            for op, fn in work.fastbn().items():
-                row[op] = median_time(fn, samples)
-            if with_torch:
-                for op, fn in work.torch().items():
-                    row["torch_" + op] = median_time(fn, samples)
-            if with_reference and threads == thread_counts[-1]:
-                for op, fn in work.fastbn(backend="reference").items():
-                    if op != "eval":
-                        row["reference_" + op] = median_time(fn, samples, budget_s=3.0)
-            rows.append(row)
-            if log:
-                log(f"  timed {case.name} on {threads} thread(s)")
-    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    threads_before = fastbn.get_num_threads()
+    try:
+        for case in cases:
+            work = Workload(case)
+            for threads in thread_counts:
+                fastbn.set_num_threads(threads)
+                numba.set_num_threads(threads)  # the copy yardstick runs on Numba directly
+                if with_torch:
+                    torch.set_num_threads(threads)
+                fns = {"copy": work.copy(), **work.fastbn()}
+                if with_torch:
+                    fns.update({"torch_" + op: fn for op, fn in work.torch().items()})
+                if with_reference and threads == thread_counts[-1]:
+                    fns.update({"reference_" + op: fn for op, fn in
+                                work.fastbn(backend="reference").items() if op != "eval"})
+                row = {"case": case.name, "shape": list(case.shape), "axis": case.axis,
+                       "dtype": case.dtype, "MB": 2 * case.nbytes / 1e6, "threads": threads}
+                row.update(interleaved_medians(fns, samples))
+                rows.append(row)
+                if log:
+                    log(f"  timed {case.name} on {threads} thread(s)")
+    finally:
+        fastbn.set_num_threads(threads_before)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     return rows
 
 
@@ -280,6 +296,10 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="also save rows and environment as JSON")
     parser.add_argument("--plot", metavar="PNG", help="also plot the ratios (needs matplotlib)")
     opts = parser.parse_args(argv)
+    # Two threading runtimes share these cores (TBB for fastbn, OpenMP for PyTorch): threads of
+    # one spinning after its call steal time from the other's next call, which is timed next.
+    # Sleeping OpenMP threads keep the comparison fair; the user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     import numba
 
@@ -300,8 +320,9 @@ def main(argv=None):
                with_torch=not opts.no_torch, log=log)
     env = environment()
     print(f"\nfastbn benchmark ({env['cpus']} CPUs, numba {env['numba']} "
-          f"[{env['threading_layer']}], torch {env.get('torch', 'absent')}); medians of "
-          f"{samples} samples; ratios within this run")
+          f"[{env['threading_layer']}], torch {env.get('torch', 'absent')}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}); medians of {samples} "
+          f"interleaved rounds; ratios within this run")
     print(format_table(rows))
     if opts.json:
         with open(opts.json, "w") as fh:
