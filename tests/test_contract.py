@@ -167,3 +167,23 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(fastbn.api)
     assert result.attempted >= 3 and result.failed == 0
+
+
+def test_precompile_runs_every_family(monkeypatch):
+    """The ahead-of-time command reaches both families and both twins (from the cache here)."""
+    from fastbn import _dispatch, precompile
+
+    seen = []
+    real_launch = _dispatch._launch
+
+    def spy(kern, nbytes, *args):
+        seen.append((kern.__name__, nbytes >= _dispatch.PARALLEL_MIN_BYTES))
+        return real_launch(kern, nbytes, *args)
+
+    monkeypatch.setattr(_dispatch, "_launch", spy)
+    precompile.precompile(dtypes=(np.float32,))
+    names = {name for name, _ in seen}
+    assert {"forward_train_outer", "forward_train_inner", "normalize_outer", "normalize_inner",
+            "backward_outer", "backward_inner"} <= names
+    assert {parallel for _, parallel in seen} == {True, False}
+    assert _dispatch.PARALLEL_MIN_BYTES == 256 * 1024

@@ -236,6 +236,48 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+_FIRST_CALL = """
+import time
+t0 = time.perf_counter()
+import fastbn
+t1 = time.perf_counter()
+import numpy as np
+x = np.random.default_rng(0).standard_normal((32, 64, 28, 28)).astype(np.float32)
+y, mean, invstd = fastbn.forward(x)
+fastbn.backward(x, x, mean, invstd)
+t2 = time.perf_counter()
+print(t1 - t0, t2 - t1)
+"""
+
+
+def cold_start(log=None):
+    """Seconds for: importing fastbn; the first forward+backward (float32 NCHW) in a new process
+    with a warm and with a cold (empty) on-disk cache; and precompiling every kernel cold."""
+    import subprocess
+    import tempfile
+
+    def child(code, env):
+        out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        return [float(v) for v in out.split()[-2:]]
+
+    result = {}
+    with tempfile.TemporaryDirectory() as cache:
+        cold_env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        imp, first_cold = child(_FIRST_CALL, cold_env)
+        result["first call, cold cache"] = first_cold
+        imp, first_warm = child(_FIRST_CALL, cold_env)
+        result["import fastbn"] = imp
+        result["first call, warm cache"] = first_warm
+        if log:
+            log("  timed first calls")
+    with tempfile.TemporaryDirectory() as cache:
+        code = ("import time; t = time.perf_counter(); from fastbn.precompile import precompile; "
+                "precompile(); print(0, time.perf_counter() - t)")
+        result["every kernel, cold cache"] = child(code, dict(os.environ, NUMBA_CACHE_DIR=cache))[1]
+    return result
+
+
 def environment():
     import numba
 
@@ -295,6 +337,8 @@ def main(argv=None):
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     parser.add_argument("--json", metavar="PATH", help="also save rows and environment as JSON")
     parser.add_argument("--plot", metavar="PNG", help="also plot the ratios (needs matplotlib)")
+    parser.add_argument("--cold-start", action="store_true",
+                        help="also time import, first call (cold and warm cache), precompile")
     opts = parser.parse_args(argv)
     import numba
 
@@ -319,9 +363,15 @@ def main(argv=None):
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}); medians of {samples} "
           f"interleaved rounds; ratios within this run")
     print(format_table(rows))
+    cold = None
+    if opts.cold_start:
+        cold = cold_start(log)
+        print("\n| cold start (new process) | seconds |\n|---|---|")
+        for what, seconds in cold.items():
+            print(f"| {what} | {seconds:.2f} |")
     if opts.json:
         with open(opts.json, "w") as fh:
-            json.dump({"environment": env, "rows": rows,
+            json.dump({"environment": env, "rows": rows, "cold_start": cold,
                        "ratios": [ratios(r) for r in rows]}, fh, indent=1)
         log(f"saved {opts.json}")
     if opts.plot:
