@@ -292,7 +292,7 @@ def numba_forward(args):
     x_v = p.input_view(x)
     y, y_v, copy_back = p.output_view(args.out, x)
     weight, bias = _weight_bias(args, C)
-    coef = np.empty((5, p.shape[1] if p.inner else C), dtype=x.dtype)
+    coef = np.empty((4, p.shape[1] if p.inner else C), dtype=x.dtype)
     nchunks = _chunks(p.shape[0], x.nbytes)
     stats = np.empty((3, C))
     if args.training:
@@ -335,7 +335,7 @@ def numba_backward(args):
         x_v = p.input_view(x)
         dy_v = p.input_view(args.dy)
         weight, _ = _weight_bias(args, C)
-        coef = np.empty((6, p.shape[1] if p.inner else C), dtype=x.dtype)
+        coef = np.empty((5, p.shape[1] if p.inner else C), dtype=x.dtype)
         common = (args.mean, args.mean_ulp, args.invstd, weight, args.training, grads, coef)
         if p.inner:
             _launch(K.backward_inner, x.nbytes, dy_v, x_v, dx_v, *common,

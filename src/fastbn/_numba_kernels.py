@@ -17,12 +17,13 @@ Numerics
 --------
 - Sums are taken in float64 around a per-feature shift (the feature's first value), so
   ``var = E[(x-K)^2] - E[x-K]^2`` does not cancel for data with a huge mean and small spread.
-- The normalizing loops compute ``((x - mean_hi) - mean_lo) * scale + shift`` in x's dtype, with
-  the float64 mean split into ``mean_hi`` (rounded to x's dtype) and the remainder ``mean_lo``.
-  ``x - mean_hi`` is exact for x near the mean, so float32 output keeps float32 accuracy.
+- The normalizing loops compute ``(x - mean_hi) * scale + shift'`` in x's dtype, with the
+  float64 mean split into ``mean_hi`` (rounded to x's dtype) and the remainder ``mean_lo``,
+  which is folded into ``shift' = beta - mean_lo * scale`` in float64. ``x - mean_hi`` is exact
+  for x near the mean, so float32 output keeps float32 accuracy for data of any mean.
 - Fast-math: reduction helpers get ``reassoc`` (so LLVM can vectorize the sums); elementwise
-  helpers must not, since reassociation would fold the compensated ``(x - hi) - lo`` back into
-  ``x - (hi + lo)``. LLVM keeps fast-math flags per instruction, so the flags survive inlining
+  helpers must not, since reassociation could rewrite ``(x - hi) * scale + shift'`` into
+  ``x * scale + (shift' - hi * scale)``, the cancelling form that costs PyTorch 6e-3. LLVM keeps fast-math flags per instruction, so the flags survive inlining
   into the parallel kernels. ``nnan``/``ninf`` are never used: NaN and Inf propagate per feature.
 
 Kernels never check arguments or allocate outputs (the caller passes ``stats``/``grads``/``coef``
@@ -119,28 +120,26 @@ def _backward_sums(dy, x, a, c, shift):
 def _normalize_run(x, y, a, c, coef):
     s = coef[0, c]
     hi = coef[1, c]
-    lo = coef[2, c]
-    scale = coef[3, c]
-    shift = coef[4, c]
+    scale = coef[2, c]
+    shift = coef[3, c]
     for b in range(x.shape[2]):
-        y[a, c, b] = ((x[a, c, b] * s - hi) - lo) * scale + shift
+        y[a, c, b] = (x[a, c, b] * s - hi) * scale + shift
 
 
 @_helper(ELEMENTWISE_FLAGS)
 def _dx_run(dy, x, dx, a, c, coef):
     s = coef[0, c]
     hi = coef[1, c]
-    lo = coef[2, c]
-    k = coef[3, c]
-    u1 = coef[4, c]
-    u2 = coef[5, c]
+    k = coef[2, c]
+    u1 = coef[3, c]
+    u2 = coef[4, c]
     for b in range(x.shape[2]):
-        dx[a, c, b] = (dy[a, c, b] + ((x[a, c, b] * s - hi) - lo) * u1 + u2) * k
+        dx[a, c, b] = (dy[a, c, b] + (x[a, c, b] * s - hi) * u1 + u2) * k
 
 
 @_helper(ELEMENTWISE_FLAGS)
 def _scale_run(dy, dx, a, c, coef):
-    k = coef[3, c]
+    k = coef[2, c]
     for b in range(dy.shape[2]):
         dx[a, c, b] = dy[a, c, b] * k
 
@@ -149,22 +148,22 @@ def _scale_run(dy, dx, a, c, coef):
 def _normalize_rows(x, y, a0, a1, coef):
     for a in range(a0, a1):
         for c in range(x.shape[1]):
-            y[a, c] = ((x[a, c] * coef[0, c] - coef[1, c]) - coef[2, c]) * coef[3, c] + coef[4, c]
+            y[a, c] = (x[a, c] * coef[0, c] - coef[1, c]) * coef[2, c] + coef[3, c]
 
 
 @_helper(ELEMENTWISE_FLAGS)
 def _dx_rows(dy, x, dx, a0, a1, coef):
     for a in range(a0, a1):
         for c in range(x.shape[1]):
-            dx[a, c] = (dy[a, c] + ((x[a, c] * coef[0, c] - coef[1, c]) - coef[2, c]) * coef[4, c]
-                        + coef[5, c]) * coef[3, c]
+            dx[a, c] = (dy[a, c] + (x[a, c] * coef[0, c] - coef[1, c]) * coef[3, c]
+                        + coef[4, c]) * coef[2, c]
 
 
 @_helper(ELEMENTWISE_FLAGS)
 def _scale_rows(dy, dx, a0, a1, coef):
     for a in range(a0, a1):
         for c in range(dy.shape[1]):
-            dx[a, c] = dy[a, c] * coef[3, c]
+            dx[a, c] = dy[a, c] * coef[2, c]
 
 
 @_helper(REDUCTION_FLAGS)
@@ -316,33 +315,34 @@ def _prescale(mean, var):
 
 @njit(**_OPTIONS)
 def _store_stats(stats, coef, c, mean, var, invstd, weight, bias):
-    """stats[:, c] = mean, var, invstd; coef[:, c] = s, mean_hi, mean_lo, scale, shift with
-    ``y = ((x * s - mean_hi) - mean_lo) * scale + shift``: mean_hi is mean * s rounded to x's
-    dtype and mean_lo what the rounding lost."""
+    """stats[:, c] = mean, var, invstd; coef[:, c] = s, mean_hi, scale, shift' with
+    ``y = (x * s - mean_hi) * scale + shift'``. mean_hi is mean * s rounded to x's dtype; what
+    the rounding lost, mean_lo, is folded into shift' = bias - mean_lo * scale in float64, so
+    the mean is carried beyond x's precision while x * s - mean_hi stays exact near the mean."""
     stats[0, c] = mean
     stats[1, c] = var
     stats[2, c] = invstd
     s = _prescale(mean, var)
+    scale = weight * invstd / s
     coef[0, c] = s
     coef[1, c] = mean * s
-    coef[2, c] = mean * s - coef[1, c]
-    coef[3, c] = weight * invstd / s
-    coef[4, c] = bias
+    coef[2, c] = scale
+    coef[3, c] = bias - (mean * s - coef[1, c]) * scale
 
 
 @njit(**_OPTIONS)
 def _store_grads(grads, coef, c, mean, var, dgamma, dbeta, k, u1, u2):
-    """grads[:, c] = dgamma, dbeta; coef[:, c] = s, mean_hi, mean_lo, k, u1 / s, u2 with
-    ``dx = (dy + ((x * s - mean_hi) - mean_lo) * (u1 / s) + u2) * k``."""
+    """grads[:, c] = dgamma, dbeta; coef[:, c] = s, mean_hi, k, u1 / s, u2' with
+    ``dx = (dy + (x * s - mean_hi) * (u1 / s) + u2') * k``, mean_lo folded into u2' as in
+    _store_stats."""
     grads[0, c] = dgamma
     grads[1, c] = dbeta
     s = _prescale(mean, var)
     coef[0, c] = s
     coef[1, c] = mean * s
-    coef[2, c] = mean * s - coef[1, c]
-    coef[3, c] = k
-    coef[4, c] = u1 / s
-    coef[5, c] = u2
+    coef[2, c] = k
+    coef[3, c] = u1 / s
+    coef[4, c] = u2 - (mean * s - coef[1, c]) * (u1 / s)
 
 
 @njit(**_OPTIONS)
