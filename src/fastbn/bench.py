@@ -236,6 +236,56 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def train_step(batch=32, channels=64, size=56, memory_format="contiguous", samples=5):
+    """A training step (forward + backward) of a ResNet-style basic block, conv-BN-ReLU-conv-BN
+    plus the identity, with PyTorch's BatchNorm2d, fastbn's, and none (to find BN's share),
+    timed in interleaved rounds. Returns {variant: seconds per step}."""
+    import torch
+
+    import fastbn.torch as fbt
+
+    fmt = getattr(torch, memory_format + "_format", torch.contiguous_format) \
+        if memory_format == "contiguous" else torch.channels_last
+
+    class Block(torch.nn.Module):
+        def __init__(self, norm):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+            self.bn1 = norm(channels)
+            self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+            self.bn2 = norm(channels)
+
+        def forward(self, x):
+            out = torch.relu(self.bn1(self.conv1(x)))
+            return torch.relu(self.bn2(self.conv2(out)) + x)
+
+    x = torch.randn(batch, channels, size, size).contiguous(memory_format=fmt)
+    steps = {}
+    for name, norm in (("torch BN", torch.nn.BatchNorm2d), ("fastbn BN", fbt.BatchNorm2d),
+                       ("no BN", lambda c: torch.nn.Identity())):
+        torch.manual_seed(0)
+        block = Block(norm).to(memory_format=fmt)
+
+        def step(block=block):
+            block.zero_grad(set_to_none=True)
+            block(x).mean().backward()
+
+        steps[name] = step
+    return interleaved_medians(steps, samples, slow_budget_s=60.0)
+
+
+def format_train_step(times, label):
+    base = times["no BN"]
+    lines = [f"| {label} | step ms | BN ms (step - no-BN step) | BN share of step | step vs torch |",
+             "|---|---|---|---|---|"]
+    for name in ("torch BN", "fastbn BN", "no BN"):
+        bn = times[name] - base
+        share = f"{bn / times[name]:.0%}" if name != "no BN" else "-"
+        lines.append(f"| {name} | {times[name] * 1e3:.1f} | "
+                     f"{bn * 1e3:.1f} | {share} | {times['torch BN'] / times[name]:.2f}x |")
+    return "\n".join(lines)
+
+
 _FIRST_CALL = """
 import time
 t0 = time.perf_counter()
@@ -276,6 +326,12 @@ def cold_start(log=None):
                 "precompile(); print(0, time.perf_counter() - t)")
         result["every kernel, cold cache"] = child(code, dict(os.environ, NUMBA_CACHE_DIR=cache))[1]
     return result
+
+
+def fastbn_threads():
+    import fastbn
+
+    return fastbn.get_num_threads()
 
 
 def environment():
@@ -337,6 +393,8 @@ def main(argv=None):
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     parser.add_argument("--json", metavar="PATH", help="also save rows and environment as JSON")
     parser.add_argument("--plot", metavar="PNG", help="also plot the ratios (needs matplotlib)")
+    parser.add_argument("--no-train-step", action="store_true",
+                        help="skip the ResNet-block training step (PyTorch)")
     parser.add_argument("--cold-start", action="store_true",
                         help="also time import, first call (cold and warm cache), precompile")
     opts = parser.parse_args(argv)
@@ -363,6 +421,17 @@ def main(argv=None):
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}); medians of {samples} "
           f"interleaved rounds; ratios within this run")
     print(format_table(rows))
+    steps = {}
+    if not opts.no_train_step and not opts.no_torch and _torch_available():
+        size = dict(batch=8, size=28) if opts.quick else {}
+        for fmt in ("contiguous", "channels_last"):
+            log(f"  timing a ResNet-block training step ({fmt})")
+            steps[fmt] = train_step(memory_format=fmt, samples=3 if opts.quick else 5, **size)
+            print()
+            print(format_train_step(steps[fmt], f"ResNet block step, {fmt}, "
+                                    f"batch {size.get('batch', 32)}, 64 ch, "
+                                    f"{size.get('size', 56)}x{size.get('size', 56)}, "
+                                    f"{fastbn_threads()} threads"))
     cold = None
     if opts.cold_start:
         cold = cold_start(log)
@@ -372,6 +441,7 @@ def main(argv=None):
     if opts.json:
         with open(opts.json, "w") as fh:
             json.dump({"environment": env, "rows": rows, "cold_start": cold,
+                       "train_step": steps,
                        "ratios": [ratios(r) for r in rows]}, fh, indent=1)
         log(f"saved {opts.json}")
     if opts.plot:

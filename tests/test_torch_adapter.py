@@ -1,0 +1,191 @@
+"""fastbn.torch: drop-in parity with torch.nn.BatchNorm*d and F.batch_norm (torch==2.13.0)."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import fastbn.torch as fbt  # noqa: E402  (after the skip)
+
+F = torch.nn.functional
+FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+def _tensor(shape, dtype, seed, memory_format=torch.contiguous_format):
+    g = torch.Generator().manual_seed(seed)
+    t = (1.5 + 2.0 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    return t.contiguous(memory_format=memory_format) if t.dim() == 4 else t
+
+
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_functional_matches_torch(memory_format, dtype, training):
+    shape = (6, 5, 7, 8)
+    results = []
+    for fn in (F.batch_norm, fbt.batch_norm):
+        x = _tensor(shape, dtype, 0, memory_format).requires_grad_(True)
+        w = _tensor((5,), dtype, 1).requires_grad_(True)
+        b = _tensor((5,), dtype, 2).requires_grad_(True)
+        rm, rv = torch.zeros(5, dtype=dtype), torch.ones(5, dtype=dtype) * 2
+        y = fn(x, rm, rv, w, b, training, 0.2, 1e-3)
+        y.backward(_tensor(shape, dtype, 3, memory_format))
+        results.append((y, x.grad, w.grad, b.grad, rm, rv))
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    for ours, theirs in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, theirs, **tol)
+    y, dx = results[1][:2]
+    assert y.is_contiguous(memory_format=memory_format), "output changed memory format"
+    assert dx.is_contiguous(memory_format=memory_format), "gradient changed memory format"
+
+
+def test_running_statistics_updated_in_the_tensors_own_memory():
+    x = _tensor((8, 3, 4, 4), torch.float32, 0)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    ptr = rm.data_ptr()
+    fbt.batch_norm(x, rm, rv, training=True, momentum=0.5)
+    assert rm.data_ptr() == ptr
+    torch.testing.assert_close(rm, 0.5 * x.mean(dim=(0, 2, 3)))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_on_the_functional_form(training):
+    x = _tensor((4, 3, 2, 3), torch.float64, 0).requires_grad_(True)
+    w = _tensor((3,), torch.float64, 1).requires_grad_(True)
+    b = _tensor((3,), torch.float64, 2).requires_grad_(True)
+    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x_, w_, b_: fbt.batch_norm(x_, rm, rv, w_, b_, training, 0.0, 1e-5),
+        (x, w, b), eps=1e-6, atol=1e-6)
+
+
+def test_double_backward_raises_clearly():
+    x = _tensor((4, 3, 5), torch.float64, 0).requires_grad_(True)
+    y = fbt.batch_norm(x, None, None, training=True)
+    (grad,) = torch.autograd.grad((y * y).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        grad.sum().backward()
+
+
+class Net(torch.nn.Module):
+    def __init__(self, bn2d=torch.nn.BatchNorm2d, bn1d=torch.nn.BatchNorm1d, momentum=0.1):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = bn2d(8, momentum=momentum)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = bn2d(8, momentum=momentum, affine=False)
+        self.fc = torch.nn.Linear(8, 6)
+        self.bn3 = bn1d(6, momentum=momentum)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.bn3(self.fc(x.mean(dim=(2, 3))))
+
+
+def _train(bn2d, bn1d, memory_format, momentum, steps=6):
+    torch.manual_seed(0)
+    net = Net(bn2d, bn1d, momentum).double().to(memory_format=memory_format)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(10, 3, 9, 9, generator=g, dtype=torch.float64)
+        target = torch.randn(10, 6, generator=g, dtype=torch.float64)
+        opt.zero_grad()
+        loss = ((net(x.contiguous(memory_format=memory_format)) - target) ** 2).mean()
+        loss.backward()
+        opt.step()
+    return net
+
+
+@pytest.mark.parametrize("memory_format", FORMATS, ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_training_a_conv_net_matches_torch(memory_format, momentum, monkeypatch):
+    ref = _train(torch.nn.BatchNorm2d, torch.nn.BatchNorm1d, memory_format, momentum)
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("fastbn's modules fell back to torch's kernel")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(F, "batch_norm", no_fallback)
+        ours = _train(fbt.BatchNorm2d, fbt.BatchNorm1d, memory_format, momentum)
+    ref_state, our_state = ref.state_dict(), ours.state_dict()
+    assert list(ref_state) == list(our_state)
+    for key in ref_state:
+        torch.testing.assert_close(our_state[key], ref_state[key], rtol=1e-7, atol=1e-9,
+                                   msg=lambda m, k=key: f"{k}: {m}")
+    assert int(our_state["bn1.num_batches_tracked"]) == 6
+    ref.eval()
+    ours.eval()
+    x = torch.randn(4, 3, 9, 9, dtype=torch.float64).contiguous(memory_format=memory_format)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-7, atol=1e-9)
+
+
+def test_modules_keep_torch_constructor_and_state_dict():
+    for cls, base, shape in ((fbt.BatchNorm1d, torch.nn.BatchNorm1d, (4, 3, 5)),
+                             (fbt.BatchNorm2d, torch.nn.BatchNorm2d, (4, 3, 5, 5)),
+                             (fbt.BatchNorm3d, torch.nn.BatchNorm3d, (4, 3, 2, 3, 2))):
+        ours = cls(3, eps=1e-3, momentum=None, affine=False, track_running_stats=True)
+        assert isinstance(ours, base)
+        assert list(ours.state_dict()) == list(base(3, affine=False).state_dict())
+        x = _tensor(shape, torch.float32, 0)
+        ref = base(3, eps=1e-3, momentum=None, affine=False)
+        torch.testing.assert_close(ours(x), ref(x))
+        torch.testing.assert_close(ours.running_var, ref.running_var)
+    no_stats = fbt.BatchNorm2d(3, track_running_stats=False).eval()
+    x = _tensor((4, 3, 5, 5), torch.float32, 1)
+    torch.testing.assert_close(no_stats(x), torch.nn.BatchNorm2d(3, track_running_stats=False)
+                               .eval()(x))
+
+
+def test_convert_swaps_in_place_and_preserves_outputs():
+    torch.manual_seed(0)
+    net = Net().double()
+    _ = net(torch.randn(6, 3, 9, 9, dtype=torch.float64))  # move running statistics
+    net.eval()
+    x = torch.randn(5, 3, 9, 9, dtype=torch.float64)
+    before = net(x)
+    weight = net.bn1.weight
+    assert fbt.convert(net) is net
+    assert type(net.bn1) is fbt.BatchNorm2d and type(net.bn3) is fbt.BatchNorm1d
+    assert net.bn1.weight is weight
+    torch.testing.assert_close(net(x), before, rtol=1e-12, atol=1e-12)
+
+
+def test_unsupported_tensors_fall_back_to_torch():
+    x = _tensor((6, 3, 4, 4), torch.bfloat16, 0)
+    torch.testing.assert_close(fbt.batch_norm(x, None, None, training=True),
+                               F.batch_norm(x, None, None, training=True))
+
+
+def test_import_without_torch_says_how_to_install():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "try:\n    import fastbn.torch\nexcept ImportError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert "pip install torch==2.13.0" in out
+
+
+def test_functional_docstring_example():
+    import doctest
+
+    assert doctest.testmod(fbt).failed == 0
+
+
+def test_no_copy_of_the_input():
+    """The kernels see the tensor's own memory: a NumPy view of x is what fastbn reads."""
+    x = _tensor((8, 4, 6, 6), torch.float32, 0, torch.channels_last)
+    seen = []
+    real = fbt.api.forward
+
+    def spy(xn, *args, **kwargs):
+        seen.append(np.shares_memory(xn, x.numpy()))
+        return real(xn, *args, **kwargs)
+
+    fbt.api.forward = spy
+    try:
+        fbt.batch_norm(x, None, None, training=True)
+    finally:
+        fbt.api.forward = real
+    assert seen == [True]
