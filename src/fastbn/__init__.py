@@ -7,7 +7,8 @@ and compile or come from the on-disk cache, on the first call.
 from . import reference
 from ._common import BackwardResult, ForwardResult
 from .api import available_backends, backward, forward, get_num_threads, set_num_threads
+from .layers import BatchNorm
 
 __version__ = "0.1.0"
-__all__ = ["forward", "backward", "available_backends", "set_num_threads", "get_num_threads",
+__all__ = ["forward", "backward", "BatchNorm", "available_backends", "set_num_threads", "get_num_threads",
            "ForwardResult", "BackwardResult", "reference", "__version__"]

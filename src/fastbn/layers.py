@@ -1,0 +1,176 @@
+"""A stateful batch-norm layer for networks written in NumPy.
+
+:class:`BatchNorm` keeps its parameters, running statistics and the few values its backward
+needs, and follows ``torch.nn.BatchNorm*d``: the same state-dict keys (weight, bias,
+running_mean, running_var, num_batches_tracked), train/eval modes, ``momentum=None`` as a
+cumulative average, and ``track_running_stats=False`` normalizing with batch statistics
+in eval mode too.
+"""
+import numbers
+
+import numpy as np
+
+from . import api
+
+
+class BatchNorm:
+    """Batch normalization over ``axis`` with learnable scale and shift.
+
+    Parameters
+    ----------
+    num_features : int
+        C, the length of the feature axis.
+    axis : int
+        The feature axis of the inputs (1 for NC/NCHW, -1 for channels-last).
+    eps : float
+        Added to the variance.
+    momentum : float or None
+        Weight of the batch in the running statistics; None for a cumulative average.
+    affine : bool
+        Learn ``weight`` (gamma, initially 1) and ``bias`` (beta, initially 0).
+    track_running_stats : bool
+        Keep running statistics and use them in eval mode.
+    activation : None
+        Passed to :func:`fastbn.forward`.
+    dtype : float dtype
+        dtype of parameters and running statistics (inputs may be float32 or float64).
+
+    Attributes
+    ----------
+    weight, bias : ndarray (C,) or None
+        The parameters; updated in place by optimizers (see :meth:`parameters`).
+    grad_gamma, grad_beta : ndarray (C,) or None
+        Gradients from the last :meth:`backward`.
+    running_mean, running_var : ndarray (C,) or None
+    num_batches_tracked : int
+    training : bool
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> bn = fastbn.BatchNorm(3)
+    >>> x = np.random.default_rng(0).normal(5.0, 2.0, (16, 3)).astype(np.float32)
+    >>> y = bn.forward(x)
+    >>> dx = bn.backward(np.ones_like(y))
+    >>> bn.grad_beta.tolist(), bn.num_batches_tracked
+    ([16.0, 16.0, 16.0], 1)
+    >>> sorted(bn.state_dict())
+    ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight']
+    """
+
+    def __init__(self, num_features, *, axis=1, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, activation=None, dtype=np.float32):
+        if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) \
+                or num_features < 1:
+            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        dtype = np.dtype(dtype)
+        if dtype.kind != "f":
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+        C = int(num_features)
+        self.num_features = C
+        self.axis = axis
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.activation = activation
+        self.dtype = dtype
+        self.weight = np.ones(C, dtype) if affine else None
+        self.bias = np.zeros(C, dtype) if affine else None
+        self.grad_gamma = self.grad_beta = None
+        if track_running_stats:
+            self.running_mean = np.zeros(C, dtype)
+            self.running_var = np.ones(C, dtype)
+        else:
+            self.running_mean = self.running_var = None
+        self.num_batches_tracked = 0
+        self.training = True
+        self._saved = None
+
+    # --- modes and state ----------------------------------------------------------------------
+    def train(self, mode=True):
+        """Training mode (batch statistics, running statistics updated); returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Eval mode (running statistics, if tracked); returns self."""
+        return self.train(False)
+
+    def parameters(self):
+        """The learnable arrays, [weight, bias] (empty without affine): update them in place."""
+        return [self.weight, self.bias] if self.affine else []
+
+    def state_dict(self):
+        """Copies of the state under PyTorch's names."""
+        state = {}
+        if self.affine:
+            state["weight"] = self.weight.copy()
+            state["bias"] = self.bias.copy()
+        if self.track_running_stats:
+            state["running_mean"] = self.running_mean.copy()
+            state["running_var"] = self.running_var.copy()
+            state["num_batches_tracked"] = np.array(self.num_batches_tracked, np.int64)
+        return state
+
+    def load_state_dict(self, state):
+        """Load a state dict (ours, or a PyTorch one converted with ``.numpy()``), checking keys
+        and shapes before writing anything."""
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise KeyError(f"state dict keys {sorted(state)} differ from {sorted(expected)}")
+        arrays = {}
+        for key in expected - {"num_batches_tracked"}:
+            value = np.asarray(state[key])
+            if value.shape != (self.num_features,):
+                raise ValueError(f"{key} must have shape ({self.num_features},), "
+                                 f"got {value.shape}")
+            arrays[key] = value
+        for key, value in arrays.items():
+            getattr(self, key)[...] = value
+        if "num_batches_tracked" in state:
+            self.num_batches_tracked = int(np.asarray(state["num_batches_tracked"]))
+
+    # --- passes -------------------------------------------------------------------------------
+    def forward(self, x):
+        """Normalize x (its feature axis is ``axis``); keeps what backward needs."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        update = self.training and self.track_running_stats
+        if update:
+            tracked = self.num_batches_tracked + 1
+            if self.momentum is None:
+                factor = 1.0 / tracked
+        batch_stats = self.training or not self.track_running_stats
+        running = (self.running_mean, self.running_var) if (update or not batch_stats) \
+            else (None, None)
+        y, mean, invstd = api.forward(x, self.weight, self.bias, axis=self.axis,
+                                      training=batch_stats, running_mean=running[0],
+                                      running_var=running[1], momentum=factor, eps=self.eps,
+                                      activation=self.activation)
+        if update:  # only once forward succeeded
+            self.num_batches_tracked = tracked
+        self._saved = (np.asarray(x), mean, invstd, batch_stats)
+        return y
+
+    def backward(self, dy):
+        """dx for the last forward's input; stores ``grad_gamma`` and ``grad_beta``."""
+        if self._saved is None:
+            raise RuntimeError("backward() needs a forward() first")
+        x, mean, invstd, batch_stats = self._saved
+        dx, dgamma, dbeta = api.backward(dy, x, mean, invstd, self.weight, self.bias,
+                                         axis=self.axis, training=batch_stats,
+                                         activation=self.activation)
+        if self.affine:
+            self.grad_gamma = dgamma.astype(self.dtype)
+            self.grad_beta = dbeta.astype(self.dtype)
+        return dx
+
+    __call__ = forward
+
+    def __repr__(self):
+        return (f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}, "
+                f"activation={self.activation!r})")
