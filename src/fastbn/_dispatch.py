@@ -17,6 +17,7 @@ import os
 import numpy as np
 
 from . import reference
+from ._validate import is_half as _validate_is_half
 from ._common import BackwardResult, ForwardResult, stats_dtype, update_running_stats
 
 BACKEND_ENV = "FASTBN_BACKEND"
@@ -349,13 +350,40 @@ def numba_backward(args):
     return BackwardResult(dx, grads[0].astype(sdt), grads[1].astype(sdt))
 
 
+# --- half precision ------------------------------------------------------------------------------
+# Numba has no float16/bfloat16 arithmetic. Half inputs are converted once to float32 (in their
+# own memory order), run through the float32 kernels, and the result is rounded back: float32
+# statistics as PyTorch computes them on the CPU, at the price of float32 temporaries (x, and
+# dy in backward, plus the output: up to 6x the bytes of x) and an extra pass of conversions.
+
+def _via_float32(run, args, *names):
+    """Run ``run`` on args with the arrays ``names`` converted to float32 and ``out`` left to
+    the kernels; returns (result, float32 output, original out)."""
+    half = args.x.dtype
+    out = args.out
+    for name in names:
+        setattr(args, name, getattr(args, name).astype(np.float32, order="K"))
+    args.out = None
+    result = run(args)
+    first = result[0]
+    if out is None:
+        out = first.astype(half, order="K")
+    else:
+        np.copyto(out, first, casting="unsafe")
+    return result._replace(**{result._fields[0]: out})
+
+
 def forward(args):
     if resolve_backend(args.backend) == "reference":
         return reference.forward_checked(args)
+    if _validate_is_half(args.x.dtype):
+        return _via_float32(numba_forward, args, "x")
     return numba_forward(args)
 
 
 def backward(args):
     if resolve_backend(args.backend) == "reference":
         return reference.backward_checked(args)
+    if _validate_is_half(args.x.dtype):
+        return _via_float32(numba_backward, args, "x", "dy")
     return numba_backward(args)

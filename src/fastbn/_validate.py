@@ -16,6 +16,13 @@ import numpy as np
 
 #: dtypes of x (and dy) the kernels take. Parameters and statistics may be any real floating dtype.
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+#: Half-precision x: float16, and bfloat16 from the ml_dtypes package (recognized by name, so
+#: that fastbn need not import ml_dtypes). They compute through float32; see _dispatch.
+HALF_NAMES = ("float16", "bfloat16")
+
+
+def is_half(dtype):
+    return dtype.name in HALF_NAMES and dtype.itemsize == 2
 ACTIVATIONS = (None,)
 BACKENDS = ("numba", "reference")
 
@@ -36,7 +43,8 @@ class BackwardArgs:
 
 
 def _float_array(value, name):
-    """x or dy as an ndarray of float32/float64 (lists are accepted, as NumPy does)."""
+    """x or dy as an ndarray of float16/bfloat16/float32/float64 (lists are accepted, as NumPy
+    does)."""
     if isinstance(value, np.ndarray):
         arr = value
     else:
@@ -44,9 +52,9 @@ def _float_array(value, name):
             arr = np.asarray(value)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name} must be array-like, got {type(value).__name__}") from exc
-    if arr.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must have dtype float32 or float64, got {arr.dtype} "
-                        f"(convert it first, e.g. {name}.astype(np.float32))")
+    if arr.dtype not in FLOAT_DTYPES and not is_half(arr.dtype):
+        raise TypeError(f"{name} must have dtype float16, bfloat16, float32 or float64, got "
+                        f"{arr.dtype} (convert it first, e.g. {name}.astype(np.float32))")
     return arr
 
 

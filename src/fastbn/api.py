@@ -21,10 +21,11 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
 
     Parameters
     ----------
-    x : array_like, float32 or float64, ndim >= 2
+    x : array_like, float32, float64, float16 or bfloat16 (ml_dtypes), ndim >= 2
         NC, NCL, NCHW, NCDHW, ... or channels-last with ``axis=-1``. Any memory order and
         strides (views, transposes, Fortran order) work; x is never modified unless it is
-        ``out``.
+        ``out``. Half-precision x is computed through a float32 copy (float32 statistics, as
+        PyTorch on the CPU) and the result rounded back to x's dtype.
     gamma, beta : array_like (C,), any floating dtype, optional
         Scale and shift; None means 1 and 0.
     axis : int
@@ -53,13 +54,14 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
     -------
     ForwardResult(y, mean, invstd)
         ``y`` has x's shape and dtype. ``mean`` and ``invstd = 1/sqrt(var + eps)`` are (C,),
-        float64 for float64 input and float32 otherwise: the batch statistics in training,
+        float64 for float64 input and float32 otherwise (half inputs included): the batch statistics in training,
         the running ones in eval, so that :func:`backward` can take them back.
 
     Raises
     ------
     TypeError
-        x not array-like or not float32/float64; a parameter not floating; training not a bool.
+        x not array-like or not of a float dtype above; a parameter not floating; training
+        not a bool.
     ValueError
         x.ndim < 2; axis out of range; a parameter of length != C; fewer than 2 values per
         feature in training; training=False without running statistics; a bad ``out``;
@@ -102,7 +104,7 @@ def backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, training=Tru
     ----------
     dy : array_like
         Gradient of the loss with respect to y: x's shape and dtype.
-    x : array_like, float32 or float64, ndim >= 2
+    x : array_like, float32, float64, float16 or bfloat16, ndim >= 2
         The forward pass's input; nothing else from the forward pass is stored.
     mean, invstd : array_like (C,), floating
         As returned by :func:`forward`. In training, ``mean`` is refined to the float64 batch

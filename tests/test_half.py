@@ -1,0 +1,84 @@
+"""float16 and bfloat16 (ml_dtypes) inputs: float32 statistics, results in the input's dtype."""
+import numpy as np
+import pytest
+
+import fastbn
+from conftest import make_x, params
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+HALVES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
+#: Unit roundoff of each half type: results may differ from the float64 reference by the
+#: reference's own rounding to the half type plus the float32 intermediate's (one unit each).
+EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
+
+
+def close(a, b, name, scale):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    worst = np.abs(a - b).max() if a.size else 0.0
+    assert worst <= 2 * EPS[name] * max(1.0, scale), f"max error {worst}"
+
+
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("shape,axis", [((8, 4, 6, 6), 1), ((8, 6, 6, 4), -1), ((64, 5), 1)])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_half_against_reference(name, shape, axis, training):
+    dtype = HALVES[name]
+    x = make_x(shape, dtype)
+    dy = make_x(shape, dtype, seed=5)
+    C = shape[axis]
+    gamma, beta = params(C, np.float32)  # the normal case: float32 parameters and statistics
+    rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+    rm_ref, rv_ref = rm.copy(), rv.copy()
+    y, mean, invstd = fastbn.forward(x, gamma, beta, axis=axis, training=training,
+                                     running_mean=rm, running_var=rv)
+    ref = fastbn.reference.forward(x, gamma, beta, axis=axis, training=training,
+                                   running_mean=rm_ref, running_var=rv_ref)
+    assert y.dtype == dtype and mean.dtype == np.float32 and invstd.dtype == np.float32
+    close(y, ref.y, name, np.abs(ref.y.astype(np.float64)).max())
+    np.testing.assert_allclose(rm, rm_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(rv, rv_ref, rtol=1e-6, atol=1e-6)
+    dx, dg, db = fastbn.backward(dy, x, mean, invstd, gamma, axis=axis, training=training)
+    gr = fastbn.reference.backward(dy, x, mean, invstd, gamma, axis=axis, training=training)
+    assert dx.dtype == dtype and dg.dtype == np.float32
+    close(dx, gr.dx, name, 4 * np.abs(gr.dx.astype(np.float64)).max())
+    np.testing.assert_allclose(dg, gr.dgamma, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(db, gr.dbeta, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_half_out_and_in_place(name):
+    dtype = HALVES[name]
+    x = make_x((6, 3, 4, 4), dtype)
+    expected = fastbn.forward(x).y
+    out = np.empty_like(x)
+    assert fastbn.forward(x, out=out).y is out
+    np.testing.assert_array_equal(out, expected)
+    inplace = x.copy()
+    assert fastbn.forward(inplace, out=inplace).y is inplace
+    np.testing.assert_array_equal(inplace, expected)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_half_matches_torch(name):
+    torch = pytest.importorskip("torch")
+    tdtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    x32 = make_x((8, 4, 5, 5), np.float32)
+    xt = torch.from_numpy(x32).to(tdtype).requires_grad_(True)
+    x = xt.detach().float().numpy().astype(HALVES[name])  # the same half values
+    w = torch.ones(4, requires_grad=True)
+    b = torch.zeros(4, requires_grad=True)
+    rm, rv = torch.zeros(4), torch.ones(4)
+    y_t = torch.nn.functional.batch_norm(xt, rm, rv, w, b, True, 0.1, 1e-5)
+    dy32 = make_x((8, 4, 5, 5), np.float32, seed=9)
+    y_t.backward(torch.from_numpy(dy32).to(tdtype))
+    rm_np, rv_np = np.zeros(4, np.float32), np.ones(4, np.float32)
+    y, mean, invstd = fastbn.forward(x, np.ones(4, np.float32), np.zeros(4, np.float32),
+                                     running_mean=rm_np, running_var=rv_np)
+    dy = torch.from_numpy(dy32).to(tdtype).float().numpy().astype(HALVES[name])
+    dx, dg, db = fastbn.backward(dy, x, mean, invstd, np.ones(4, np.float32))
+    close(y, y_t.detach().float().numpy(), name, 4)
+    close(dx, xt.grad.float().numpy(), name, 4 * np.abs(dx.astype(np.float64)).max())
+    np.testing.assert_allclose(rm_np, rm.numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(rv_np, rv.numpy(), rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(db, b.grad.numpy(), rtol=2e-2, atol=2e-2)
