@@ -82,3 +82,31 @@ def test_half_matches_torch(name):
     np.testing.assert_allclose(rm_np, rm.numpy(), rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(rv_np, rv.numpy(), rtol=1e-3, atol=1e-3)
     np.testing.assert_allclose(db, b.grad.numpy(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_conversion_kernels_match_numpy_bit_for_bit(name):
+    """Round trips through the parallel conversion kernels equal NumPy's/ml_dtypes' casts,
+    special values included: +-0, +-inf, NaN, subnormals, overflow, ties."""
+    from fastbn import _dispatch
+
+    dtype = HALVES[name]
+    rng = np.random.default_rng(0)
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-8, 6e-5, 65504.0, 7e4, 1e39,
+                         1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 1.0 + 2.0**-8, 3.0e38],
+                        np.float32)
+    values = np.concatenate([specials, (rng.standard_normal(300_000) * 100).astype(np.float32)])
+    with np.errstate(over="ignore"):
+        expected_half = values.astype(dtype)
+    half = np.empty(values.shape, dtype)
+    _dispatch._convert(values, half)
+    np.testing.assert_array_equal(half.view(np.uint16), expected_half.view(np.uint16))
+    back = np.empty(values.shape, np.float32)
+    _dispatch._convert(half, back)
+    np.testing.assert_array_equal(back, expected_half.astype(np.float32))
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_strided_half_input(name):
+    x = make_x((8, 4, 6, 6), HALVES[name])[:, :, ::2]
+    close(fastbn.forward(x).y, fastbn.reference.forward(x).y, name, 4)

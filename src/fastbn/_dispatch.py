@@ -352,24 +352,53 @@ def numba_backward(args):
 
 # --- half precision ------------------------------------------------------------------------------
 # Numba has no float16/bfloat16 arithmetic. Half inputs are converted once to float32 (in their
-# own memory order), run through the float32 kernels, and the result is rounded back: float32
-# statistics as PyTorch computes them on the CPU, at the price of float32 temporaries (x, and
-# dy in backward, plus the output: up to 6x the bytes of x) and an extra pass of conversions.
+# own memory order, by parallel conversion kernels), run through the float32 kernels, and the
+# result is rounded back: float32 statistics as PyTorch computes them on the CPU, at the price
+# of float32 temporaries (x, and dy in backward, plus the output: up to 6x the bytes of x).
+
+def _flat(arr):
+    """arr's elements in memory order as a 1-D view, or None if arr is not dense."""
+    flat = arr.ravel(order="K")
+    return flat if np.may_share_memory(flat, arr) or arr.size == 0 else None
+
+
+def _convert(src, dst):
+    """dst[...] = src between a half dtype and float32, same shape and memory order."""
+    K = _numba()
+    s, d = _flat(src), _flat(dst)
+    if s is None or d is None or src.strides != tuple(
+            st * src.itemsize // dst.itemsize for st in dst.strides):
+        np.copyto(dst, src, casting="unsafe")  # strided or differently ordered: NumPy's cast
+        return
+    if src.dtype == np.float32:
+        kern = K.float32_to_float16 if dst.dtype.name == "float16" else K.float32_to_bfloat16
+        _launch(kern, d.nbytes, s, d.view(np.uint16))
+    else:
+        kern = K.float16_to_float32 if src.dtype.name == "float16" else K.bfloat16_to_float32
+        _launch(kern, s.nbytes, s.view(np.uint16), d)
+
+
+def _as_float32(arr):
+    if _flat(arr) is None:
+        arr = np.ascontiguousarray(arr)
+    out = np.empty_like(arr, dtype=np.float32)  # same memory order
+    _convert(arr, out)
+    return out
+
 
 def _via_float32(run, args, *names):
-    """Run ``run`` on args with the arrays ``names`` converted to float32 and ``out`` left to
-    the kernels; returns (result, float32 output, original out)."""
+    """Run ``run`` on args with the half arrays ``names`` converted to float32 and ``out``
+    left to the kernels; the first result is rounded back into out (or a new half array)."""
     half = args.x.dtype
     out = args.out
     for name in names:
-        setattr(args, name, getattr(args, name).astype(np.float32, order="K"))
+        setattr(args, name, _as_float32(getattr(args, name)))
     args.out = None
     result = run(args)
     first = result[0]
     if out is None:
-        out = first.astype(half, order="K")
-    else:
-        np.copyto(out, first, casting="unsafe")
+        out = np.empty_like(first, dtype=half)
+    _convert(first, out)
     return result._replace(**{result._fields[0]: out})
 
 

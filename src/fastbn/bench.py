@@ -29,7 +29,8 @@ class Case:
 
     @property
     def nbytes(self):
-        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+        return int(np.prod(self.shape)) * (2 if self.dtype in ("float16", "bfloat16")
+                                           else np.dtype(self.dtype).itemsize)
 
 
 #: The default workload: large cases (the bandwidth targets) and small ones (launch overhead).
@@ -40,6 +41,8 @@ CASES = (
     Case("NC 8192x1024", (8192, 1024)),
     Case("NC 256x2048", (256, 2048)),
     Case("NC 32x512", (32, 512)),
+    Case("NCHW f16 32x64x56x56", (32, 64, 56, 56), dtype="float16"),
+    Case("NCHW bf16 32x64x56x56", (32, 64, 56, 56), dtype="bfloat16"),
 )
 QUICK_CASES = (
     Case("NCHW 16x32x28x28", (16, 32, 28, 28)),
@@ -87,14 +90,15 @@ class Workload:
     def __init__(self, case, seed=0):
         rng = np.random.default_rng(seed)
         self.case = case
-        dtype = np.dtype(case.dtype)
+        dtype = _dtype(case.dtype)
         self.x = (1.0 + rng.standard_normal(case.shape, dtype=np.float32)).astype(dtype)
         self.dy = rng.standard_normal(case.shape, dtype=np.float32).astype(dtype)
         C = case.shape[case.axis]
-        self.gamma = (1 + 0.1 * rng.standard_normal(C)).astype(dtype)
-        self.beta = (0.1 * rng.standard_normal(C)).astype(dtype)
-        self.rm = np.zeros(C, dtype)
-        self.rv = np.ones(C, dtype)
+        pdtype = np.float32 if dtype.itemsize == 2 else dtype  # half x, float32 parameters
+        self.gamma = (1 + 0.1 * rng.standard_normal(C)).astype(pdtype)
+        self.beta = (0.1 * rng.standard_normal(C)).astype(pdtype)
+        self.rm = np.zeros(C, pdtype)
+        self.rv = np.ones(C, pdtype)
         self.y = np.empty_like(self.x)
         self.dx = np.empty_like(self.x)
 
@@ -117,7 +121,9 @@ class Workload:
     def copy(self):
         from fastbn import _numba_kernels
 
-        src, dst = self.x.reshape(-1), self.y.reshape(-1)
+        # Same bytes as unsigned integers: Numba has no half floats.
+        bits = np.dtype(f"u{self.x.itemsize}")
+        src, dst = self.x.reshape(-1).view(bits), self.y.reshape(-1).view(bits)
         return lambda: _numba_kernels.copy_flat.parallel(src, dst)
 
     def torch(self):
@@ -126,8 +132,7 @@ class Workload:
         import torch
 
         case = self.case
-        x = torch.from_numpy(self.x)
-        dy = torch.from_numpy(self.dy)
+        x, dy = _torch_tensor(self.x), _torch_tensor(self.dy)
         if case.axis != 1:  # NHWC memory seen by torch as an NCHW tensor in channels_last
             perm = (0, x.ndim - 1, *range(1, x.ndim - 1))
             x, dy = x.permute(perm), dy.permute(perm)
@@ -150,6 +155,23 @@ class Workload:
             "backward": no_grad(lambda: bn_backward(dy, x, g, rm, rv, save_mean, save_invstd,
                                                     True, 1e-5, mask)),
         }
+
+
+def _dtype(name):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def _torch_tensor(arr):
+    """A torch tensor on arr's memory (bfloat16 through an int16 view: NumPy has no bf16)."""
+    import torch
+
+    if arr.dtype.name == "bfloat16":
+        return torch.from_numpy(arr.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
 
 
 def _torch_available():
