@@ -295,14 +295,15 @@ def numba_forward(args):
     weight, bias = _weight_bias(args, C)
     coef = np.empty((4, p.shape[1] if p.inner else C), dtype=x.dtype)
     nchunks = _chunks(p.shape[0], x.nbytes)
+    relu = args.activation == "relu"
     stats = np.empty((3, C))
     if args.training:
         if p.inner:
             _launch(K.forward_train_inner, x.nbytes, x_v, y_v, weight, bias, args.eps, stats,
-                    coef, nchunks, p.B)
+                    coef, nchunks, p.B, relu)
         else:
             _launch(K.forward_train_outer, x.nbytes, x_v, y_v, weight, bias, args.eps, stats,
-                    coef)
+                    coef, relu)
         if args.running_mean is None:
             pass
         elif (args.running_mean.dtype in _NUMBA_FLOATS
@@ -316,9 +317,9 @@ def numba_forward(args):
                             weight, bias, args.eps, stats, coef)
         if p.inner:
             K.tile_columns(coef, C, p.B)
-            _launch(K.normalize_inner, x.nbytes, x_v, y_v, coef, nchunks)
+            _launch(K.normalize_inner, x.nbytes, x_v, y_v, coef, nchunks, relu)
         else:
-            _launch(K.normalize_outer, x.nbytes, x_v, y_v, coef)
+            _launch(K.normalize_outer, x.nbytes, x_v, y_v, coef, relu)
     if copy_back:
         np.copyto(args.out, y)
         y = args.out
@@ -335,14 +336,27 @@ def numba_backward(args):
     if args.m > 0:  # eval mode allows an empty batch: dx is empty and the sums are zero
         x_v = p.input_view(x)
         dy_v = p.input_view(args.dy)
-        weight, _ = _weight_bias(args, C)
-        coef = np.empty((5, p.shape[1] if p.inner else C), dtype=x.dtype)
-        common = (args.mean, args.mean_ulp, args.invstd, weight, args.training, grads, coef)
-        if p.inner:
-            _launch(K.backward_inner, x.nbytes, dy_v, x_v, dx_v, *common,
-                    _chunks(p.shape[0], x.nbytes), p.B)
+        weight, bias = _weight_bias(args, C)
+        width = p.shape[1] if p.inner else C
+        coef = np.empty((5, width), dtype=x.dtype)
+        nchunks = _chunks(p.shape[0], x.nbytes)
+        if args.activation == "relu":
+            # the forward's coefficients, rebuilt to find its mask
+            fcoef = np.empty((4, width), dtype=x.dtype)
+            common = (args.mean, args.mean_ulp, args.invstd, weight, bias, args.training,
+                      grads, coef, fcoef)
+            if p.inner:
+                _launch(K.backward_relu_inner, x.nbytes, dy_v, x_v, dx_v, *common, nchunks,
+                        p.B)
+            else:
+                _launch(K.backward_relu_outer, x.nbytes, dy_v, x_v, dx_v, *common)
         else:
-            _launch(K.backward_outer, x.nbytes, dy_v, x_v, dx_v, *common)
+            common = (args.mean, args.mean_ulp, args.invstd, weight, args.training, grads,
+                      coef)
+            if p.inner:
+                _launch(K.backward_inner, x.nbytes, dy_v, x_v, dx_v, *common, nchunks, p.B)
+            else:
+                _launch(K.backward_outer, x.nbytes, dy_v, x_v, dx_v, *common)
     if copy_back:
         np.copyto(args.out, dx)
         dx = args.out

@@ -119,14 +119,32 @@ def _backward_sums(dy, x, a, c, shift):
     return sx, sdy, sdyx
 
 
+@njit(**_OPTIONS)
+def _bn_value(v, s, hi, scale, shift):
+    """The normalized value, ``(v * s - hi) * scale + shift``. Compiled without fast-math
+    flags (LLVM keeps flags per instruction, also once inlined): forward writes it, and the
+    ReLU backward recomputes it, inside reductions that may reassociate, bit for bit."""
+    return (v * s - hi) * scale + shift
+
+
+@njit(**_OPTIONS)
+def _relu(v):
+    """max(v, 0) with NaN passed through, as torch.relu."""
+    return 0.0 if v <= 0.0 else v
+
+
 @_helper(ELEMENTWISE_FLAGS)
-def _normalize_run(x, y, a, c, coef):
+def _normalize_run(x, y, a, c, coef, relu):
     s = coef[0, c]
     hi = coef[1, c]
     scale = coef[2, c]
     shift = coef[3, c]
-    for b in range(x.shape[2]):
-        y[a, c, b] = (x[a, c, b] * s - hi) * scale + shift
+    if relu:
+        for b in range(x.shape[2]):
+            y[a, c, b] = _relu(_bn_value(x[a, c, b], s, hi, scale, shift))
+    else:
+        for b in range(x.shape[2]):
+            y[a, c, b] = _bn_value(x[a, c, b], s, hi, scale, shift)
 
 
 @_helper(ELEMENTWISE_FLAGS)
@@ -148,10 +166,16 @@ def _scale_run(dy, dx, a, c, coef):
 
 
 @_helper(ELEMENTWISE_FLAGS)
-def _normalize_rows(x, y, a0, a1, coef):
-    for a in range(a0, a1):
-        for c in range(x.shape[1]):
-            y[a, c] = (x[a, c] * coef[0, c] - coef[1, c]) * coef[2, c] + coef[3, c]
+def _normalize_rows(x, y, a0, a1, coef, relu):
+    if relu:
+        for a in range(a0, a1):
+            for c in range(x.shape[1]):
+                y[a, c] = _relu(_bn_value(x[a, c], coef[0, c], coef[1, c], coef[2, c],
+                                          coef[3, c]))
+    else:
+        for a in range(a0, a1):
+            for c in range(x.shape[1]):
+                y[a, c] = _bn_value(x[a, c], coef[0, c], coef[1, c], coef[2, c], coef[3, c])
 
 
 @_helper(ELEMENTWISE_FLAGS)
@@ -325,7 +349,15 @@ def _store_stats(stats, coef, c, mean, var, invstd, weight, bias):
     stats[0, c] = mean
     stats[1, c] = var
     stats[2, c] = invstd
-    s = _prescale(mean, var)
+    coef[2, c] = invstd  # rounded to x's dtype: invstd as forward returns it
+    _forward_coefs(coef, c, mean, coef[2, c] + 0.0, weight, bias)
+
+
+@njit(**_OPTIONS)
+def _forward_coefs(coef, c, mean, invstd, weight, bias):
+    """coef[:, c] from the mean (float64) and invstd as forward returns it (rounded to the
+    statistics' dtype): the ReLU backward, which gets that invstd, rebuilds these exactly."""
+    s = _prescale(mean, 1.0 / (invstd * invstd))
     scale = weight * invstd / s
     coef[0, c] = s
     coef[1, c] = mean * s
@@ -359,27 +391,35 @@ def eval_coefficients(running_mean, running_var, weight, bias, eps, stats, coef)
 
 # --- kernels -----------------------------------------------------------------------------------
 
+@njit(**_OPTIONS)
+def _feature_sums(x, c, shift):
+    """Shifted sums of feature c of a (A, C, B) view: the forward's own order, which the ReLU
+    backward repeats to find the forward's mean bit for bit."""
+    s1 = 0.0
+    s2 = 0.0
+    for a in range(x.shape[0]):
+        r1, r2 = _shifted_sums(x, a, c, shift)
+        s1 += r1
+        s2 += r2
+    return s1, s2
+
+
 @kernel
-def forward_train_outer(x, y, weight, bias, eps, stats, coef):
+def forward_train_outer(x, y, weight, bias, eps, stats, coef, relu):
     """Training forward on a (A, C, B) view: statistics and normalization per feature."""
     A, C, B = x.shape
     m = A * B
     for c in prange(C):
         shift = x[0, c, 0] + 0.0
-        s1 = 0.0
-        s2 = 0.0
-        for a in range(A):
-            r1, r2 = _shifted_sums(x, a, c, shift)
-            s1 += r1
-            s2 += r2
+        s1, s2 = _feature_sums(x, c, shift)
         mean, var, invstd = _stats(s1, s2, shift, m, eps)
         _store_stats(stats, coef, c, mean, var, invstd, weight[c], bias[c])
         for a in range(A):
-            _normalize_run(x, y, a, c, coef)
+            _normalize_run(x, y, a, c, coef, relu)
 
 
 @kernel
-def forward_train_inner(x, y, weight, bias, eps, stats, coef, nchunks, B):
+def forward_train_inner(x, y, weight, bias, eps, stats, coef, nchunks, B, relu):
     """Training forward on a feature-inner view (A, L): column j holds feature (j // B) % C.
     Per-chunk partial sums, folded per feature, then rows normalized with tiled coefficients."""
     A, L = x.shape
@@ -389,30 +429,30 @@ def forward_train_inner(x, y, weight, bias, eps, stats, coef, nchunks, B):
     partial = np.zeros((2, nchunks, L))
     for t in prange(nchunks):
         _accumulate_rows(x, t * A // nchunks, (t + 1) * A // nchunks, shift, partial, t)
-    sums = _fold_columns(partial, C, B)
+    sums = _fold_columns(partial, C, B)  # backward_relu_inner repeats this: keep in step
     for c in range(C):
         mean, var, invstd = _stats(sums[0, c], sums[1, c], shift[c * B], m, eps)
         _store_stats(stats, coef, c, mean, var, invstd, weight[c], bias[c])
     tile_columns(coef, C, B)
     for t in prange(nchunks):
-        _normalize_rows(x, y, t * A // nchunks, (t + 1) * A // nchunks, coef)
+        _normalize_rows(x, y, t * A // nchunks, (t + 1) * A // nchunks, coef, relu)
 
 
 @kernel
-def normalize_outer(x, y, coef):
+def normalize_outer(x, y, coef, relu):
     """y = ((x - hi) - lo) * scale + shift with per-feature coefficients on a (A, C, B) view."""
     A, C, B = x.shape
     for ac in prange(A * C):
         a = ac // C
-        _normalize_run(x, y, a, ac - a * C, coef)
+        _normalize_run(x, y, a, ac - a * C, coef, relu)
 
 
 @kernel
-def normalize_inner(x, y, coef, nchunks):
+def normalize_inner(x, y, coef, nchunks, relu):
     """The same on a feature-inner view, with coefficients already tiled to its columns."""
     A = x.shape[0]
     for t in prange(nchunks):
-        _normalize_rows(x, y, t * A // nchunks, (t + 1) * A // nchunks, coef)
+        _normalize_rows(x, y, t * A // nchunks, (t + 1) * A // nchunks, coef, relu)
 
 
 @kernel
@@ -468,6 +508,145 @@ def backward_inner(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, training, gr
             _dx_rows(dy, x, dx, a0, a1, coef)
         else:  # eval: dx does not depend on x, so an Inf in x must not reach it
             _scale_rows(dy, dx, a0, a1, coef)
+
+
+# --- fused ReLU backward --------------------------------------------------------------------------
+# The mask is the forward's own: its coefficients come from the forward's float64 mean (found
+# again with the forward's summation code and row blocks) and the invstd the forward returned,
+# through _forward_coefs, and z through _bn_value. g = dy where z > 0, else 0 (at exactly 0, no
+# gradient, as torch.relu); then the batch-norm backward of g.
+
+@_helper(REDUCTION_FLAGS)
+def _relu_sums_run(dy, x, a, c, shift, fcoef):
+    """sum(g) and sum(g * (x - shift)) over the run [a, c, :], g = dy masked by the forward."""
+    s = fcoef[0, c]
+    hi = fcoef[1, c]
+    scale = fcoef[2, c]
+    offset = fcoef[3, c]
+    sdy = 0.0
+    sdyx = 0.0
+    for b in range(x.shape[2]):
+        v = x[a, c, b]
+        g = dy[a, c, b] + 0.0 if _bn_value(v, s, hi, scale, offset) > 0.0 else 0.0
+        sdy += g
+        sdyx += g * (v - shift)
+    return sdy, sdyx
+
+
+@_helper(REDUCTION_FLAGS)
+def _relu_sums_rows(dy, x, a0, a1, shift, fcoef, partial, t):
+    for a in range(a0, a1):
+        for j in range(x.shape[1]):
+            v = x[a, j]
+            z = _bn_value(v, fcoef[0, j], fcoef[1, j], fcoef[2, j], fcoef[3, j])
+            g = dy[a, j] + 0.0 if z > 0.0 else 0.0
+            partial[0, t, j] += g
+            partial[1, t, j] += g * (v - shift[j])
+
+
+@_helper(ELEMENTWISE_FLAGS)
+def _relu_dx_run(dy, x, dx, a, c, coef, fcoef, training):
+    s = fcoef[0, c]
+    hi = fcoef[1, c]
+    scale = fcoef[2, c]
+    offset = fcoef[3, c]
+    bs = coef[0, c]
+    bhi = coef[1, c]
+    k = coef[2, c]
+    u1 = coef[3, c]
+    u2 = coef[4, c]
+    zero = dy[a, c, 0] * 0
+    for b in range(x.shape[2]):
+        v = x[a, c, b]
+        g = dy[a, c, b] if _bn_value(v, s, hi, scale, offset) > 0.0 else zero
+        if training:
+            dx[a, c, b] = (g + (v * bs - bhi) * u1 + u2) * k
+        else:
+            dx[a, c, b] = g * k
+
+
+@_helper(ELEMENTWISE_FLAGS)
+def _relu_dx_rows(dy, x, dx, a0, a1, coef, fcoef, training):
+    for a in range(a0, a1):
+        for j in range(x.shape[1]):
+            v = x[a, j]
+            z = _bn_value(v, fcoef[0, j], fcoef[1, j], fcoef[2, j], fcoef[3, j])
+            g = dy[a, j] if z > 0.0 else dy[a, j] * 0
+            if training:
+                dx[a, j] = (g + (v * coef[0, j] - coef[1, j]) * coef[3, j] + coef[4, j]) * coef[2, j]
+            else:
+                dx[a, j] = g * coef[2, j]
+
+
+@njit(**_OPTIONS)
+def _relu_mean(mean, mean_ulp, batch_mean):
+    """The forward's float64 mean where the given one is its rounding, else the given one."""
+    return batch_mean if abs(batch_mean - mean) <= mean_ulp else mean
+
+
+@kernel
+def backward_relu_outer(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, bias, training,
+                        grads, coef, fcoef):
+    """Backward of relu(batch_norm(x)) on (A, C, B) views, per feature from cache."""
+    A, C, B = x.shape
+    m = A * B
+    for c in prange(C):
+        shift = x[0, c, 0] + 0.0
+        mean = mean_in[c]
+        if training:
+            s1, s2 = _feature_sums(x, c, shift)
+            mean = _relu_mean(mean, mean_ulp[c], _stats(s1, s2, shift, m, 1.0)[0])
+        _forward_coefs(fcoef, c, mean, invstd_in[c], weight[c], bias[c])
+        sdy = 0.0
+        sdyx = 0.0
+        for a in range(A):
+            r1, r2 = _relu_sums_run(dy, x, a, c, shift, fcoef)
+            sdy += r1
+            sdyx += r2
+        mean, dgamma, k, u1, u2 = _grad_terms(0.0, sdy, sdyx, shift, m, mean, -1.0,
+                                              invstd_in[c], weight[c], training)
+        _store_grads(grads, coef, c, mean, 1.0 / (invstd_in[c] * invstd_in[c]), dgamma, sdy,
+                     k, u1, u2)
+        for a in range(A):
+            _relu_dx_run(dy, x, dx, a, c, coef, fcoef, training)
+
+
+@kernel
+def backward_relu_inner(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, bias, training,
+                        grads, coef, fcoef, nchunks, B):
+    """Backward of relu(batch_norm(x)) on feature-inner views (A, L)."""
+    A, L = x.shape
+    C = weight.shape[0]
+    m = A * (L // C)
+    shift = _column_shifts(x, C, B)
+    if training:  # the forward's sums, as forward_train_inner takes them
+        partial = np.zeros((2, nchunks, L))
+        for t in prange(nchunks):
+            _accumulate_rows(x, t * A // nchunks, (t + 1) * A // nchunks, shift, partial, t)
+        sums = _fold_columns(partial, C, B)
+    for c in range(C):
+        mean = mean_in[c]
+        if training:
+            mean = _relu_mean(mean, mean_ulp[c],
+                              _stats(sums[0, c], sums[1, c], shift[c * B], m, 1.0)[0])
+        _forward_coefs(fcoef, c, mean, invstd_in[c], weight[c], bias[c])
+        grads[0, c] = mean  # parked here until the gradients are known
+    tile_columns(fcoef, C, B)
+    gpartial = np.zeros((2, nchunks, L))
+    for t in prange(nchunks):
+        _relu_sums_rows(dy, x, t * A // nchunks, (t + 1) * A // nchunks, shift, fcoef,
+                        gpartial, t)
+    gsums = _fold_columns(gpartial, C, B)
+    for c in range(C):
+        mean, dgamma, k, u1, u2 = _grad_terms(0.0, gsums[0, c], gsums[1, c], shift[c * B], m,
+                                              grads[0, c], -1.0, invstd_in[c], weight[c],
+                                              training)
+        _store_grads(grads, coef, c, mean, 1.0 / (invstd_in[c] * invstd_in[c]), dgamma,
+                     gsums[0, c], k, u1, u2)
+    tile_columns(coef, C, B)
+    for t in prange(nchunks):
+        _relu_dx_rows(dy, x, dx, t * A // nchunks, (t + 1) * A // nchunks, coef, fcoef,
+                      training)
 
 
 @njit(**_OPTIONS)

@@ -23,7 +23,7 @@ HALF_NAMES = ("float16", "bfloat16")
 
 def is_half(dtype):
     return dtype.name in HALF_NAMES and dtype.itemsize == 2
-ACTIVATIONS = (None,)
+ACTIVATIONS = (None, "relu")
 BACKENDS = ("numba", "reference")
 
 

@@ -42,8 +42,9 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
     momentum : float in [0, 1]
     eps : float > 0
         Added to the variance; we use the standard ``sqrt(var + eps)`` form.
-    activation : None
-        Reserved for fused activations; only None is accepted for now.
+    activation : {None, "relu"}
+        "relu" writes ``relu(y)`` in the same pass. NaN passes through; an output of exactly 0
+        passes no gradient (as ``torch.relu``, whose derivative at 0 is 0).
     out : ndarray, optional
         Where to write y: x's shape and dtype, writable; may be ``x`` itself (in place), but
         must not partly overlap it. Returned as that very object.
@@ -113,10 +114,14 @@ def backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, training=Tru
     gamma : array_like (C,), optional
         None means 1.
     beta : array_like (C,), optional
-        Unused without an activation; accepted so that forward and backward take the same
-        parameters.
-    axis, training, activation, backend
+        None means 0. Used with ``activation="relu"`` only, to find where the forward's output
+        was positive.
+    axis, training, backend
         As in :func:`forward`.
+    activation : {None, "relu"}
+        The forward's. With "relu", dy is masked by the forward's own mask, recomputed bit
+        for bit from x, mean, invstd, gamma and beta (the forward's float64 mean is found again
+        with its own summation order), so no output needs to be stored.
     out : ndarray, optional
         Where to write dx; may be ``dy`` or ``x`` itself.
 

@@ -61,7 +61,10 @@ def forward_checked(args):
     invstd = 1.0 / np.sqrt(var + args.eps)
     gamma = 1.0 if args.gamma is None else args.gamma
     beta = 0.0 if args.beta is None else args.beta
-    y = _write((x64 - mean) * (gamma * invstd) + beta, args, args.x)
+    y64 = (x64 - mean) * (gamma * invstd) + beta
+    if args.activation == "relu":
+        y64 = np.where(y64 > 0, y64, np.where(np.isnan(y64), y64, 0.0))
+    y = _write(y64, args, args.x)
     if args.training:
         update_running_stats(args, mean, var)
     sdt = stats_dtype(args.x.dtype)
@@ -78,9 +81,12 @@ def backward_checked(args):
         batch_mean = x64.mean(axis=over)
         mean = np.where(np.abs(batch_mean - mean) <= args.mean_ulp, batch_mean, mean)
     xhat = (x64 - mean) * args.invstd
+    gamma = 1.0 if args.gamma is None else args.gamma
+    if args.activation == "relu":  # the gradient passes where the forward's output was > 0
+        beta = 0.0 if args.beta is None else args.beta
+        dy64 = np.where(xhat * gamma + beta > 0, dy64, 0.0)
     dbeta = dy64.sum(axis=over)
     dgamma = (dy64 * xhat).sum(axis=over)
-    gamma = 1.0 if args.gamma is None else args.gamma
     if args.training:
         dx64 = (gamma * args.invstd / args.m) * (args.m * dy64 - dbeta - xhat * dgamma)
     else:
