@@ -22,7 +22,8 @@ HALF_NAMES = ("float16", "bfloat16")
 
 
 def is_half(dtype):
-    return dtype.name in HALF_NAMES and dtype.itemsize == 2
+    # itemsize first: dtype.name runs Python code in NumPy (4.6 us), float32/float64 skip it
+    return dtype.itemsize == 2 and dtype.name in HALF_NAMES
 ACTIVATIONS = (None, "relu")
 BACKENDS = ("numba", "reference")
 
