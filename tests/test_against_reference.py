@@ -8,6 +8,16 @@ import fastbn
 from conftest import LAYOUT_IDS, LAYOUTS, assert_close, make_x, params
 
 
+def with_out(arr, out_mode):
+    """(the array to pass, the out= to pass) for out_mode None, "new" or "inplace"."""
+    if out_mode == "new":
+        return arr, np.empty_like(arr)
+    if out_mode == "inplace":
+        copy = arr.copy()
+        return copy, copy
+    return arr, None
+
+
 def run_pair(backend, x, *, axis, training, affine, out_mode, dtype, seed=3):
     """forward then backward on ``backend`` and on the reference, compared step by step."""
     C = x.shape[axis]
@@ -21,13 +31,7 @@ def run_pair(backend, x, *, axis, training, affine, out_mode, dtype, seed=3):
     x_before = x.copy()
     rm, rv = rm0.copy(), rv0.copy()
     rm_ref, rv_ref = rm0.copy(), rv0.copy()
-    out = None
-    x_in = x
-    if out_mode == "new":
-        out = np.empty_like(x)
-    elif out_mode == "inplace":
-        x_in = x.copy()
-        out = x_in
+    x_in, out = with_out(x, out_mode)
     res = fastbn.forward(x_in, gamma, beta, axis=axis, training=training, running_mean=rm,
                          running_var=rv, momentum=0.2, eps=1e-3, out=out, backend=backend)
     ref = fastbn.reference.forward(x, gamma, beta, axis=axis, training=training,
@@ -59,13 +63,7 @@ def run_pair(backend, x, *, axis, training, affine, out_mode, dtype, seed=3):
 
     dy = make_x(x.shape, dtype, seed=seed + 1)
     dy_before = dy.copy()
-    bout = None
-    dy_in = dy
-    if out_mode == "new":
-        bout = np.empty_like(x)
-    elif out_mode == "inplace":
-        dy_in = dy.copy()
-        bout = dy_in
+    dy_in, bout = with_out(dy, out_mode)
     g = fastbn.backward(dy_in, x, ref.mean, ref.invstd, gamma, beta, axis=axis,
                         training=training, out=bout, backend=backend)
     gr = fastbn.reference.backward(dy, x, ref.mean, ref.invstd, gamma, beta, axis=axis,
