@@ -280,6 +280,27 @@ def _numba_float(arr):
     return arr if arr.dtype in _NUMBA_FLOATS else arr.astype(np.float64)
 
 
+#: Feature-outer kernels read groups of adjacent features in memory order when runs are at
+#: least GROUP_MIN_RUN_BYTES long, with up to GROUP_BYTES of data per group (served from L3 on
+#: the second pass) and at least GROUPS_PER_THREAD groups per thread. Measured on NCHW float32
+#: (2-core machine): 56x56 maps, forward 2.2x -> 1.6x a copy on one thread; 14x14 maps lose
+#: 1.5x when grouped, since one feature (200 KB) then no longer stays in L2 between passes.
+GROUP_MIN_RUN_BYTES = 4096
+GROUP_BYTES = 8 * 2**20
+GROUPS_PER_THREAD = 2
+
+
+def _group(shape3, itemsize, nbytes, budget=GROUP_BYTES):
+    """Features per group of the feature-outer kernels (results do not depend on it)."""
+    A, C, B = shape3
+    if B * itemsize < GROUP_MIN_RUN_BYTES:
+        return 1
+    threads = 1 if nbytes < PARALLEL_MIN_BYTES else get_num_threads()
+    by_cache = budget // max(1, A * B * itemsize)
+    by_balance = -(-C // (GROUPS_PER_THREAD * threads))
+    return max(1, min(by_cache, by_balance))
+
+
 def _weight_bias(args, C):
     weight = np.ones(C) if args.gamma is None else args.gamma
     bias = np.zeros(C) if args.beta is None else args.beta
@@ -303,7 +324,7 @@ def numba_forward(args):
                     coef, nchunks, p.B, relu)
         else:
             _launch(K.forward_train_outer, x.nbytes, x_v, y_v, weight, bias, args.eps, stats,
-                    coef, relu)
+                    coef, relu, _group(p.shape, x.itemsize, x.nbytes))
         if args.running_mean is None:
             pass
         elif (args.running_mean.dtype in _NUMBA_FLOATS
@@ -356,7 +377,9 @@ def numba_backward(args):
             if p.inner:
                 _launch(K.backward_inner, x.nbytes, dy_v, x_v, dx_v, *common, nchunks, p.B)
             else:
-                _launch(K.backward_outer, x.nbytes, dy_v, x_v, dx_v, *common)
+                # backward reads two arrays where forward reads one: half the budget
+                _launch(K.backward_outer, x.nbytes, dy_v, x_v, dx_v, *common,
+                        _group(p.shape, x.itemsize, x.nbytes, GROUP_BYTES // 2))
     if copy_back:
         np.copyto(args.out, dx)
         dx = args.out

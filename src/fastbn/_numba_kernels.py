@@ -405,17 +405,30 @@ def _feature_sums(x, c, shift):
 
 
 @kernel
-def forward_train_outer(x, y, weight, bias, eps, stats, coef, relu):
-    """Training forward on a (A, C, B) view: statistics and normalization per feature."""
+def forward_train_outer(x, y, weight, bias, eps, stats, coef, relu, group):
+    """Training forward on a (A, C, B) view. Threads take groups of ``group`` adjacent features
+    and walk each group in memory order (sample by sample, the group's runs side by side):
+    reading one feature at a time jumps a whole sample between runs, which cost up to 2.7x in
+    read bandwidth. Each feature's sums still add its runs in sample order, as
+    _feature_sums does, so results do not depend on the grouping."""
     A, C, B = x.shape
     m = A * B
-    for c in prange(C):
-        shift = x[0, c, 0] + 0.0
-        s1, s2 = _feature_sums(x, c, shift)
-        mean, var, invstd = _stats(s1, s2, shift, m, eps)
-        _store_stats(stats, coef, c, mean, var, invstd, weight[c], bias[c])
+    for g in prange((C + group - 1) // group):
+        c0 = g * group
+        c1 = min(C, c0 + group)
+        sums = np.zeros((2, c1 - c0))
         for a in range(A):
-            _normalize_run(x, y, a, c, coef, relu)
+            for c in range(c0, c1):
+                r1, r2 = _shifted_sums(x, a, c, x[0, c, 0] + 0.0)
+                sums[0, c - c0] += r1
+                sums[1, c - c0] += r2
+        for c in range(c0, c1):
+            mean, var, invstd = _stats(sums[0, c - c0], sums[1, c - c0], x[0, c, 0] + 0.0, m,
+                                       eps)
+            _store_stats(stats, coef, c, mean, var, invstd, weight[c], bias[c])
+        for a in range(A):
+            for c in range(c0, c1):
+                _normalize_run(x, y, a, c, coef, relu)
 
 
 @kernel
@@ -456,29 +469,35 @@ def normalize_inner(x, y, coef, nchunks, relu):
 
 
 @kernel
-def backward_outer(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, training, grads, coef):
-    """Backward on (A, C, B) views: reductions and dx per feature, dx while x/dy are cached."""
+def backward_outer(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, training, grads, coef,
+                   group):
+    """Backward on (A, C, B) views, by groups of adjacent features in memory order (see
+    forward_train_outer): reductions, then dx."""
     A, C, B = x.shape
     m = A * B
-    for c in prange(C):
-        shift = x[0, c, 0] + 0.0
-        sx = 0.0
-        sdy = 0.0
-        sdyx = 0.0
+    for g in prange((C + group - 1) // group):
+        c0 = g * group
+        c1 = min(C, c0 + group)
+        sums = np.zeros((3, c1 - c0))
         for a in range(A):
-            r0, r1, r2 = _backward_sums(dy, x, a, c, shift)
-            sx += r0
-            sdy += r1
-            sdyx += r2
-        mean, dgamma, k, u1, u2 = _grad_terms(sx, sdy, sdyx, shift, m, mean_in[c], mean_ulp[c],
-                                              invstd_in[c], weight[c], training)
-        _store_grads(grads, coef, c, mean, 1.0 / (invstd_in[c] * invstd_in[c]), dgamma, sdy, k,
-                     u1, u2)
+            for c in range(c0, c1):
+                r0, r1, r2 = _backward_sums(dy, x, a, c, x[0, c, 0] + 0.0)
+                sums[0, c - c0] += r0
+                sums[1, c - c0] += r1
+                sums[2, c - c0] += r2
+        for c in range(c0, c1):
+            i = c - c0
+            mean, dgamma, k, u1, u2 = _grad_terms(sums[0, i], sums[1, i], sums[2, i],
+                                                  x[0, c, 0] + 0.0, m, mean_in[c], mean_ulp[c],
+                                                  invstd_in[c], weight[c], training)
+            _store_grads(grads, coef, c, mean, 1.0 / (invstd_in[c] * invstd_in[c]), dgamma,
+                         sums[1, i], k, u1, u2)
         for a in range(A):
-            if training:
-                _dx_run(dy, x, dx, a, c, coef)
-            else:  # eval: dx does not depend on x, so an Inf in x must not reach it
-                _scale_run(dy, dx, a, c, coef)
+            for c in range(c0, c1):
+                if training:
+                    _dx_run(dy, x, dx, a, c, coef)
+                else:  # eval: dx does not depend on x, so an Inf in x must not reach it
+                    _scale_run(dy, dx, a, c, coef)
 
 
 @kernel
