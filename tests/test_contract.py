@@ -187,3 +187,16 @@ def test_precompile_runs_every_family(monkeypatch):
             "backward_outer", "backward_inner"} <= names
     assert {parallel for _, parallel in seen} == {True, False}
     assert _dispatch.PARALLEL_MIN_BYTES == 256 * 1024
+
+
+def test_bench_skips_a_case_whose_dtype_cannot_be_made(monkeypatch):
+    """Without ml_dtypes the bfloat16 row is skipped with a message, not a crash of the table."""
+    import sys
+
+    from fastbn import bench
+
+    monkeypatch.setitem(sys.modules, "ml_dtypes", None)
+    messages = []
+    rows = bench.run([bench.Case("bf16", (4, 3), dtype="bfloat16")], [1], samples=1,
+                     with_reference=False, with_torch=False, log=messages.append)
+    assert rows == [] and "skipped bf16" in messages[0]

@@ -195,7 +195,12 @@ def run(cases, thread_counts, samples, with_reference=True, with_torch=True, log
     threads_before = fastbn.get_num_threads()
     try:
         for case in cases:
-            work = Workload(case)
+            try:
+                work = Workload(case)
+            except ImportError as exc:  # bfloat16 needs ml_dtypes (the bench extra has it)
+                if log:
+                    log(f"  skipped {case.name}: {exc}")
+                continue
             for threads in thread_counts:
                 fastbn.set_num_threads(threads)
                 numba.set_num_threads(threads)  # the copy yardstick runs on Numba directly
