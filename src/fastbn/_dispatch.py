@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from . import reference
-from ._validate import is_half as _validate_is_half
+from ._validate import BACKENDS, is_half
 from ._common import BackwardResult, ForwardResult, stats_dtype, update_running_stats
 
 BACKEND_ENV = "FASTBN_BACKEND"
@@ -56,7 +56,7 @@ def resolve_backend(backend):
     """The backend to use: the argument, else $FASTBN_BACKEND, else the fastest available."""
     if backend is None:
         backend = os.environ.get(BACKEND_ENV) or None
-        if backend is not None and backend not in ("numba", "reference"):
+        if backend is not None and backend not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV} must name a backend of {available_backends()}, "
                              f"got {backend!r}")
     if backend is None:
@@ -301,6 +301,18 @@ def _group(shape3, itemsize, nbytes, budget=GROUP_BYTES):
     return max(1, min(by_cache, by_balance))
 
 
+def _update_running(K, args, stats):
+    """The running-statistics update: compiled, or the NumPy twin for dtypes Numba lacks
+    (float16, longdouble)."""
+    if args.running_mean is None:
+        return
+    if args.running_mean.dtype in _NUMBA_FLOATS and args.running_var.dtype in _NUMBA_FLOATS:
+        K.update_running_stats(args.running_mean, args.running_var, stats, args.momentum,
+                               args.m)
+    else:
+        update_running_stats(args, stats[0], stats[1])
+
+
 def _weight_bias(args, C):
     weight = np.ones(C) if args.gamma is None else args.gamma
     bias = np.zeros(C) if args.beta is None else args.beta
@@ -325,14 +337,7 @@ def numba_forward(args):
         else:
             _launch(K.forward_train_outer, x.nbytes, x_v, y_v, weight, bias, args.eps, stats,
                     coef, relu, _group(p.shape, x.itemsize, x.nbytes))
-        if args.running_mean is None:
-            pass
-        elif (args.running_mean.dtype in _NUMBA_FLOATS
-              and args.running_var.dtype in _NUMBA_FLOATS):
-            K.update_running_stats(args.running_mean, args.running_var, stats, args.momentum,
-                                   args.m)
-        else:  # float16, longdouble: dtypes Numba lacks take the NumPy twin
-            update_running_stats(args, stats[0], stats[1])
+        _update_running(K, args, stats)
     else:
         K.eval_coefficients(_numba_float(args.running_mean), _numba_float(args.running_var),
                             weight, bias, args.eps, stats, coef)
@@ -442,7 +447,7 @@ def _via_float32(run, args, *names):
 def forward(args):
     if resolve_backend(args.backend) == "reference":
         return reference.forward_checked(args)
-    if _validate_is_half(args.x.dtype):
+    if is_half(args.x.dtype):
         return _via_float32(numba_forward, args, "x")
     return numba_forward(args)
 
@@ -450,6 +455,6 @@ def forward(args):
 def backward(args):
     if resolve_backend(args.backend) == "reference":
         return reference.backward_checked(args)
-    if _validate_is_half(args.x.dtype):
+    if is_half(args.x.dtype):
         return _via_float32(numba_backward, args, "x", "dy")
     return numba_backward(args)

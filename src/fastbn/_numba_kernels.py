@@ -311,19 +311,23 @@ def _stats(s1, s2, shift, m, eps):
 
 
 @njit(**_OPTIONS)
-def _grad_terms(sx, sdy, sdyx, shift, m, mean, mean_ulp, invstd, weight, training):
-    """From a feature's sums around ``shift``: the mean used, dgamma, and the coefficients of
-    ``dx = k * (dy + (x - mean) * u1 + u2)`` (u1 = u2 = 0 in eval mode). Factoring k out keeps
-    u1 and u2 in float32's normal range even for data near its maximum."""
-    if training:
-        batch_mean = shift + sx / m
-        if abs(batch_mean - mean) <= mean_ulp:
-            mean = batch_mean
+def _refined_mean(mean, mean_ulp, shift, sx, m):
+    """The float64 batch mean ``shift + sx / m`` where the given mean is its rounding (within
+    ``mean_ulp``), else the given mean: the rule of reference.backward in training mode."""
+    batch_mean = shift + sx / m
+    return batch_mean if abs(batch_mean - mean) <= mean_ulp else mean
+
+
+@njit(**_OPTIONS)
+def _grad_terms(sdy, sdyx, shift, m, mean, invstd, weight, training):
+    """From a feature's sums around ``shift`` and the mean used: dgamma, and the coefficients
+    of ``dx = k * (dy + (x - mean) * u1 + u2)`` (u1 = u2 = 0 in eval mode). Factoring k out
+    keeps u1 and u2 in float32's normal range even for data near its maximum."""
     dgamma = (sdyx - (mean - shift) * sdy) * invstd
     k = weight * invstd
     if training:
-        return mean, dgamma, k, -invstd * dgamma / m, -sdy / m
-    return mean, dgamma, k, 0.0, 0.0
+        return dgamma, k, -invstd * dgamma / m, -sdy / m
+    return dgamma, k, 0.0, 0.0
 
 
 @njit(**_OPTIONS)
@@ -487,9 +491,12 @@ def backward_outer(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, training, gr
                 sums[2, c - c0] += r2
         for c in range(c0, c1):
             i = c - c0
-            mean, dgamma, k, u1, u2 = _grad_terms(sums[0, i], sums[1, i], sums[2, i],
-                                                  x[0, c, 0] + 0.0, m, mean_in[c], mean_ulp[c],
-                                                  invstd_in[c], weight[c], training)
+            shift = x[0, c, 0] + 0.0
+            mean = mean_in[c]
+            if training:
+                mean = _refined_mean(mean, mean_ulp[c], shift, sums[0, i], m)
+            dgamma, k, u1, u2 = _grad_terms(sums[1, i], sums[2, i], shift, m, mean,
+                                            invstd_in[c], weight[c], training)
             _store_grads(grads, coef, c, mean, 1.0 / (invstd_in[c] * invstd_in[c]), dgamma,
                          sums[1, i], k, u1, u2)
         for a in range(A):
@@ -514,9 +521,11 @@ def backward_inner(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, training, gr
                                   partial, t)
     sums = _fold_columns(partial, C, B)
     for c in range(C):
-        mean, dgamma, k, u1, u2 = _grad_terms(sums[0, c], sums[1, c], sums[2, c], shift[c * B],
-                                              m, mean_in[c], mean_ulp[c], invstd_in[c],
-                                              weight[c], training)
+        mean = mean_in[c]
+        if training:
+            mean = _refined_mean(mean, mean_ulp[c], shift[c * B], sums[0, c], m)
+        dgamma, k, u1, u2 = _grad_terms(sums[1, c], sums[2, c], shift[c * B], m, mean,
+                                        invstd_in[c], weight[c], training)
         _store_grads(grads, coef, c, mean, 1.0 / (invstd_in[c] * invstd_in[c]), dgamma,
                      sums[1, c], k, u1, u2)
     tile_columns(coef, C, B)
@@ -597,12 +606,6 @@ def _relu_dx_rows(dy, x, dx, a0, a1, coef, fcoef, training):
                 dx[a, j] = g * coef[2, j]
 
 
-@njit(**_OPTIONS)
-def _relu_mean(mean, mean_ulp, batch_mean):
-    """The forward's float64 mean where the given one is its rounding, else the given one."""
-    return batch_mean if abs(batch_mean - mean) <= mean_ulp else mean
-
-
 @kernel
 def backward_relu_outer(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, bias, training,
                         grads, coef, fcoef):
@@ -613,8 +616,8 @@ def backward_relu_outer(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, bias, t
         shift = x[0, c, 0] + 0.0
         mean = mean_in[c]
         if training:
-            s1, s2 = _feature_sums(x, c, shift)
-            mean = _relu_mean(mean, mean_ulp[c], _stats(s1, s2, shift, m, 1.0)[0])
+            s1, _ = _feature_sums(x, c, shift)
+            mean = _refined_mean(mean, mean_ulp[c], shift, s1, m)
         _forward_coefs(fcoef, c, mean, invstd_in[c], weight[c], bias[c])
         sdy = 0.0
         sdyx = 0.0
@@ -622,8 +625,8 @@ def backward_relu_outer(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, bias, t
             r1, r2 = _relu_sums_run(dy, x, a, c, shift, fcoef)
             sdy += r1
             sdyx += r2
-        mean, dgamma, k, u1, u2 = _grad_terms(0.0, sdy, sdyx, shift, m, mean, -1.0,
-                                              invstd_in[c], weight[c], training)
+        dgamma, k, u1, u2 = _grad_terms(sdy, sdyx, shift, m, mean, invstd_in[c], weight[c],
+                                        training)
         _store_grads(grads, coef, c, mean, 1.0 / (invstd_in[c] * invstd_in[c]), dgamma, sdy,
                      k, u1, u2)
         for a in range(A):
@@ -646,8 +649,7 @@ def backward_relu_inner(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, bias, t
     for c in range(C):
         mean = mean_in[c]
         if training:
-            mean = _relu_mean(mean, mean_ulp[c],
-                              _stats(sums[0, c], sums[1, c], shift[c * B], m, 1.0)[0])
+            mean = _refined_mean(mean, mean_ulp[c], shift[c * B], sums[0, c], m)
         _forward_coefs(fcoef, c, mean, invstd_in[c], weight[c], bias[c])
         grads[0, c] = mean  # parked here until the gradients are known
     tile_columns(fcoef, C, B)
@@ -657,9 +659,9 @@ def backward_relu_inner(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, bias, t
                         gpartial, t)
     gsums = _fold_columns(gpartial, C, B)
     for c in range(C):
-        mean, dgamma, k, u1, u2 = _grad_terms(0.0, gsums[0, c], gsums[1, c], shift[c * B], m,
-                                              grads[0, c], -1.0, invstd_in[c], weight[c],
-                                              training)
+        mean = grads[0, c]
+        dgamma, k, u1, u2 = _grad_terms(gsums[0, c], gsums[1, c], shift[c * B], m, mean,
+                                        invstd_in[c], weight[c], training)
         _store_grads(grads, coef, c, mean, 1.0 / (invstd_in[c] * invstd_in[c]), dgamma,
                      gsums[0, c], k, u1, u2)
     tile_columns(coef, C, B)

@@ -46,13 +46,7 @@ class BackwardArgs:
 def _float_array(value, name):
     """x or dy as an ndarray of float16/bfloat16/float32/float64 (lists are accepted, as NumPy
     does)."""
-    if isinstance(value, np.ndarray):
-        arr = value
-    else:
-        try:
-            arr = np.asarray(value)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"{name} must be array-like, got {type(value).__name__}") from exc
+    arr = value if isinstance(value, np.ndarray) else _asarray_or_type_error(value, name)
     if arr.dtype not in FLOAT_DTYPES and not is_half(arr.dtype):
         raise TypeError(f"{name} must have dtype float16, bfloat16, float32 or float64, got "
                         f"{arr.dtype} (convert it first, e.g. {name}.astype(np.float32))")
