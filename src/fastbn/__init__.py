@@ -10,5 +10,5 @@ from .api import available_backends, backward, forward, get_num_threads, set_num
 from .layers import BatchNorm
 
 __version__ = "0.1.0"
-__all__ = ["forward", "backward", "BatchNorm", "available_backends", "set_num_threads", "get_num_threads",
-           "ForwardResult", "BackwardResult", "reference", "__version__"]
+__all__ = ["forward", "backward", "BatchNorm", "available_backends", "set_num_threads",
+           "get_num_threads", "ForwardResult", "BackwardResult", "reference", "__version__"]

@@ -6,8 +6,10 @@ Arguments arrive here already validated (:mod:`fastbn._validate`). This module d
   the others) and folded into ``(A, C, B)`` without a copy. Only an input whose outer or inner
   axes cannot be merged into one strided axis each (say ``x[:, :, ::2, :]`` of an NCHW array) is
   copied once, into that order; outputs are allocated in x's own memory order;
-- the kernel family (feature-outer when B > 1, feature-inner when B == 1), and whether to run
-  the parallel or the serial twin (small arrays do not pay for waking threads).
+- the kernel family (feature-outer for runs of INNER_MAX_RUN values or more, feature-inner
+  otherwise), and whether to run the parallel or the serial twin (small arrays do not pay for
+  waking threads);
+- half-precision inputs, which go through float32 (see the end of this module).
 """
 import importlib.util
 import math

@@ -5,26 +5,28 @@ How the layers stack
 The dispatch layer folds x into a 3-D view ``(A, C, B)`` without copying (axes whose stride is
 larger than the feature axis's fold into A, smaller ones into B) and calls one of two families:
 
-- *feature-outer* (B > 1, e.g. NCHW): ``prange`` over features. Each feature's data is A runs of
-  B contiguous values; the kernel reduces them, finishes the feature's statistics and at once
-  normalizes the same runs while they are still in L2 cache. One read of x from memory.
-- *feature-inner* (B == 1, e.g. NC or channels-last): the view is ``(A, C)`` with features
-  contiguous in each row. Rows are split into ``nchunks`` blocks reduced in parallel into
-  per-block partial sums, the partials are combined per feature, then rows are normalized in
-  parallel.
+- *feature-outer* (runs of B >= 64 values, e.g. NCHW): ``prange`` over groups of adjacent
+  features. Each feature's data is A runs of B contiguous values; a group is reduced sample by
+  sample (memory order), its statistics finished, and its runs normalized while still cached.
+- *feature-inner* (short runs, NC, channels-last): a 2-D view ``(A', L)`` whose column j holds
+  feature ``(j // B) % C`` (rows of a few samples side by side, so rows are wide). Rows are
+  split into ``nchunks`` blocks reduced in parallel into per-block partial sums, the partials
+  are folded per feature, then rows are normalized in parallel.
 
 Numerics
 --------
 - Sums are taken in float64 around a per-feature shift (the feature's first value), so
   ``var = E[(x-K)^2] - E[x-K]^2`` does not cancel for data with a huge mean and small spread.
-- The normalizing loops compute ``(x - mean_hi) * scale + shift'`` in x's dtype, with the
-  float64 mean split into ``mean_hi`` (rounded to x's dtype) and the remainder ``mean_lo``,
-  which is folded into ``shift' = beta - mean_lo * scale`` in float64. ``x - mean_hi`` is exact
-  for x near the mean, so float32 output keeps float32 accuracy for data of any mean.
-- Fast-math: reduction helpers get ``reassoc`` (so LLVM can vectorize the sums); elementwise
-  helpers must not, since reassociation could rewrite ``(x - hi) * scale + shift'`` into
-  ``x * scale + (shift' - hi * scale)``, the cancelling form that costs PyTorch 6e-3. LLVM keeps fast-math flags per instruction, so the flags survive inlining
-  into the parallel kernels. ``nnan``/``ninf`` are never used: NaN and Inf propagate per feature.
+- The normalizing loops compute ``(x * s - mean_hi) * scale + shift'`` in x's dtype (s is a
+  power of two, 1 unless the data nears float32's limits), with the float64 mean split into
+  ``mean_hi`` (rounded to x's dtype) and the remainder ``mean_lo``, folded into
+  ``shift' = beta - mean_lo * scale`` in float64. ``x - mean_hi`` is exact for x near the mean,
+  so float32 output keeps float32 accuracy for data of any mean.
+- Fast-math: reduction helpers get ``reassoc`` (so LLVM can vectorize the sums); the normalized
+  value (_bn_value) gets no flags at all, since reassociation could rewrite it into
+  ``x * scale + (shift' - hi * scale)``, the cancelling form that costs PyTorch 6e-3. LLVM
+  keeps fast-math flags per instruction, so they survive inlining into the parallel kernels.
+  ``nnan``/``ninf`` are never used: NaN and Inf propagate per feature.
 
 Kernels never check arguments or allocate outputs (the caller passes ``stats``/``grads``/``coef``
 arrays); every kernel is compiled twice, a ``parallel`` and a ``serial`` version, and both are
@@ -296,7 +298,7 @@ def tile_columns(coef, C, B):
                 j -= 1
 
 
-# --- per-feature finishing steps (scalars in, scalars out) -----------------------------------------
+# --- per-feature finishing steps (scalars in, scalars out) ---------------------------------
 # Scalars only: an array argument to a helper with branches makes Numba keep an atomic
 # reference-count update per call, which cost 60 ns per feature (0.5 ms for C = 8192).
 
@@ -457,7 +459,7 @@ def forward_train_inner(x, y, weight, bias, eps, stats, coef, nchunks, B, relu):
 
 @kernel
 def normalize_outer(x, y, coef, relu):
-    """y = ((x - hi) - lo) * scale + shift with per-feature coefficients on a (A, C, B) view."""
+    """y = (x * s - mean_hi) * scale + shift' (see _store_stats) on a (A, C, B) view."""
     A, C, B = x.shape
     for ac in prange(A * C):
         a = ac // C
@@ -601,7 +603,8 @@ def _relu_dx_rows(dy, x, dx, a0, a1, coef, fcoef, training):
             z = _bn_value(v, fcoef[0, j], fcoef[1, j], fcoef[2, j], fcoef[3, j])
             g = dy[a, j] if z > 0.0 else dy[a, j] * 0
             if training:
-                dx[a, j] = (g + (v * coef[0, j] - coef[1, j]) * coef[3, j] + coef[4, j]) * coef[2, j]
+                dx[a, j] = ((g + (v * coef[0, j] - coef[1, j]) * coef[3, j] + coef[4, j])
+                            * coef[2, j])
             else:
                 dx[a, j] = g * coef[2, j]
 

@@ -19,13 +19,13 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: Half-precision x: float16, and bfloat16 from the ml_dtypes package (recognized by name, so
 #: that fastbn need not import ml_dtypes). They compute through float32; see _dispatch.
 HALF_NAMES = ("float16", "bfloat16")
+ACTIVATIONS = (None, "relu")
+BACKENDS = ("numba", "reference")
 
 
 def is_half(dtype):
     # itemsize first: dtype.name runs Python code in NumPy (4.6 us), float32/float64 skip it
     return dtype.itemsize == 2 and dtype.name in HALF_NAMES
-ACTIVATIONS = (None, "relu")
-BACKENDS = ("numba", "reference")
 
 
 class ForwardArgs:
@@ -39,8 +39,7 @@ class BackwardArgs:
     """The resolved arguments of one backward call."""
 
     __slots__ = ("dy", "x", "axis", "C", "m", "mean", "mean_ulp", "invstd", "gamma", "beta",
-                 "training",
-                 "activation", "out", "backend")
+                 "training", "activation", "out", "backend")
 
 
 def _float_array(value, name):
@@ -69,7 +68,8 @@ def _vector(value, name, C):
     if arr.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating array, got dtype {arr.dtype}")
     if arr.shape != (C,):
-        raise ValueError(f"{name} must have shape ({C},) to match x's feature axis, got {arr.shape}")
+        raise ValueError(f"{name} must have shape ({C},) to match x's feature axis, "
+                         f"got {arr.shape}")
     return arr.astype(np.float64, copy=False)
 
 

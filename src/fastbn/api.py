@@ -55,8 +55,9 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
     -------
     ForwardResult(y, mean, invstd)
         ``y`` has x's shape and dtype. ``mean`` and ``invstd = 1/sqrt(var + eps)`` are (C,),
-        float64 for float64 input and float32 otherwise (half inputs included): the batch statistics in training,
-        the running ones in eval, so that :func:`backward` can take them back.
+        float64 for float64 input and float32 otherwise (half inputs included): the batch
+        statistics in training, the running ones in eval, so that :func:`backward` can take
+        them back.
 
     Raises
     ------

@@ -303,8 +303,8 @@ def train_step(batch=32, channels=64, size=56, memory_format="contiguous", sampl
 
 def format_train_step(times, label):
     base = times["no BN"]
-    lines = [f"| {label} | step ms | BN ms (step - no-BN step) | BN share of step | step vs torch |",
-             "|---|---|---|---|---|"]
+    lines = [f"| {label} | step ms | BN ms (step - no-BN step) | BN share of step "
+             "| step vs torch |", "|---|---|---|---|---|"]
     for name in ("torch BN", "fastbn BN", "no BN"):
         bn = times[name] - base
         share = f"{bn / times[name]:.0%}" if name != "no BN" else "-"
