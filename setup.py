@@ -1,5 +1,76 @@
-"""Build script. Everything declarative lives in pyproject.toml; this file exists for the
-optional compiled backend, which is added here when it lands (it must never be required)."""
-from setuptools import setup
+"""Build script. Everything declarative lives in pyproject.toml; this file adds the optional
+Cython/OpenMP backend, ``fastbn._cy_kernels``.
 
-setup()
+The extension is optional in every sense: without Cython, NumPy headers, a C compiler or OpenMP,
+installation still succeeds, prints one warning line, and fastbn runs on Numba. Environment:
+
+- ``FASTBN_NO_CYTHON=1``: do not try to build it;
+- ``FASTBN_REQUIRE_CYTHON=1``: a failed build is an error (CI sets it, so that a broken
+  extension shows up red instead of silently falling back);
+- ``FASTBN_CFLAGS``: extra compiler flags, e.g. ``-march=native`` for a build that will only
+  run on this machine (the default is the compiler's portable baseline).
+"""
+import os
+import shlex
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+WARNING = "fastbn: the optional Cython/OpenMP backend was not built ({}); fastbn will use Numba."
+
+
+def _flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _warn(reason):
+    if _flag("FASTBN_REQUIRE_CYTHON"):
+        raise RuntimeError(WARNING.format(reason) + " FASTBN_REQUIRE_CYTHON is set.")
+    print("WARNING: " + WARNING.format(reason), file=sys.stderr)
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that turns a failed extension build into a warning, with OpenMP flags for
+    the compiler at hand."""
+
+    def build_extension(self, ext):
+        if self.compiler.compiler_type == "msvc":
+            ext.extra_compile_args = ["/O2", "/openmp", "/fp:precise"]
+            ext.extra_link_args = []
+        else:
+            # -ffp-contract=off: no fused multiply-add either, so that the normalized value
+            # is computed as written, identically in forward and in the ReLU backward.
+            ext.extra_compile_args = ["-O3", "-fopenmp", "-ffp-contract=off"]
+            ext.extra_link_args = ["-fopenmp"]
+        ext.extra_compile_args += shlex.split(os.environ.get("FASTBN_CFLAGS", ""))
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # no compiler, no OpenMP, ...: the package still installs
+            _warn(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+
+def extensions():
+    if _flag("FASTBN_NO_CYTHON"):
+        return []
+    try:
+        import numpy
+        from Cython.Build import cythonize
+    except ImportError as exc:
+        _warn(f"cannot import {exc.name}")
+        return []
+    ext = Extension(
+        "fastbn._cy_kernels",
+        ["src/fastbn/_cy_kernels.pyx"],
+        include_dirs=[numpy.get_include(), "src/fastbn"],
+        depends=["src/fastbn/_cy_runs.h", "src/fastbn/_cy_runs_t.h"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+    try:
+        return cythonize([ext], quiet=True)
+    except Exception as exc:
+        _warn(f"Cython failed: {exc}")
+        return []
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

@@ -6,6 +6,7 @@ import fastbn
 
 DTYPES = [np.float32, np.float64]
 
+
 # (name, logical shape, feature axis, how the array is laid out in memory)
 LAYOUTS = [
     ("NC", (17, 5), 1, "C"),
@@ -90,9 +91,26 @@ def assert_close(actual, expected, dtype, what, scale=None):
     assert worst <= tol, f"{what}: max error {worst:.3g} > tolerance {tol:.3g}"
 
 
-@pytest.fixture(params=[b for b in fastbn.available_backends() if b != "reference"])
-def backend(request):
-    """Every fast backend available here (each is compared with the reference)."""
+#: The compiled backends built here. Every test runs once per backend: the autouse fixture
+#: below sets FASTBN_BACKEND, so calls that name no backend (the layer, the torch adapter, the
+#: examples, subprocesses) run on it too.
+FAST_BACKENDS = [b for b in fastbn.available_backends() if b != "reference"]
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrize every test over FAST_BACKENDS, or over those named by its
+    ``@pytest.mark.backends(...)`` marker (tests of one backend's machinery)."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("backends")
+    names = [b for b in FAST_BACKENDS if marker is None or b in marker.args]
+    metafunc.parametrize("backend", names, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def backend(request, monkeypatch):
+    """The compiled backend this run of the test is for (also made the default)."""
+    monkeypatch.setenv("FASTBN_BACKEND", request.param)
     return request.param
 
 

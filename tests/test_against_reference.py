@@ -136,11 +136,12 @@ def arrays(draw):
     return x, axis, dtype
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                   HealthCheck.function_scoped_fixture])
 @given(case=arrays(), training=st.booleans(), affine=st.booleans())
-def test_hypothesis_shapes_strides_values(case, training, affine):
+def test_hypothesis_shapes_strides_values(case, training, affine, backend):
     x, axis, dtype = case
     if training and x.size // x.shape[axis] < 2:
         training = False
-    run_pair("numba", x, axis=axis, training=training, affine=affine, out_mode=None,
+    run_pair(backend, x, axis=axis, training=training, affine=affine, out_mode=None,
              dtype=dtype)

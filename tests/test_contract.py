@@ -3,6 +3,8 @@ imports, result types, read-only and list inputs."""
 import subprocess
 import sys
 
+import os
+
 import numpy as np
 import pytest
 
@@ -158,6 +160,8 @@ def test_backward_uses_given_mean_when_it_is_not_the_batch_mean():
 def test_available_backends():
     names = fastbn.available_backends()
     assert names[-1] == "reference" and "numba" in names
+    if os.environ.get("FASTBN_REQUIRE_CYTHON"):  # CI builds the extension: it must load
+        assert "cython" in names
 
 
 def test_docstring_examples_run():

@@ -85,7 +85,7 @@ def test_half_matches_torch(name):
 
 
 @pytest.mark.parametrize("name", HALVES)
-def test_conversion_kernels_match_numpy_bit_for_bit(name):
+def test_conversion_kernels_match_numpy_bit_for_bit(name, backend):
     """Round trips through the parallel conversion kernels equal NumPy's/ml_dtypes' casts,
     special values included: +-0, +-inf, NaN, subnormals, overflow, ties."""
     from fastbn import _dispatch
@@ -99,10 +99,10 @@ def test_conversion_kernels_match_numpy_bit_for_bit(name):
     with np.errstate(over="ignore"):
         expected_half = values.astype(dtype)
     half = np.empty(values.shape, dtype)
-    _dispatch._convert(values, half)
+    _dispatch._convert(values, half, backend)
     np.testing.assert_array_equal(half.view(np.uint16), expected_half.view(np.uint16))
     back = np.empty(values.shape, np.float32)
-    _dispatch._convert(half, back)
+    _dispatch._convert(half, back, backend)
     np.testing.assert_array_equal(back, expected_half.astype(np.float32))
 
 

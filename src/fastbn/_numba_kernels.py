@@ -58,6 +58,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 
 #: Held around parallel launches only when the active layer is not thread-safe (workqueue).
 _launch_lock = threading.Lock()
+_threadsafe_layer = False
 
 REDUCTION_FLAGS = {"reassoc", "contract", "nsz", "arcp"}
 ELEMENTWISE_FLAGS = {"contract"}
@@ -71,6 +72,8 @@ def _helper(fastmath):
 
 class _Kernel:
     """A kernel compiled twice: ``.parallel`` (prange runs on threads) and ``.serial``.
+    Called as ``kernel(threads, *args)``, as the Cython kernels are: one thread runs the serial
+    twin, more run the parallel one on that many of Numba's threads.
 
     The serial twin is a copy of the Python function under another qualified name, because
     Numba's on-disk cache is keyed by name and signature, not by the ``parallel`` option."""
@@ -78,12 +81,34 @@ class _Kernel:
     def __init__(self, fn):
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
+        self.__module__ = fn.__module__
         self.parallel = njit(parallel=True, **_OPTIONS)(fn)
         twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
                                   fn.__defaults__, fn.__closure__)
         twin.__qualname__ = fn.__qualname__ + "_serial"
         twin.__module__ = fn.__module__
         self.serial = njit(parallel=False, **_OPTIONS)(twin)
+
+    def __call__(self, threads, *args):
+        global _threadsafe_layer
+        if threads == 1:
+            return self.serial(*args)
+        # Numba's thread count is per calling thread: apply ours, give the caller's back.
+        callers = numba.get_num_threads()
+        if callers != threads:
+            numba.set_num_threads(threads)
+        try:
+            if _threadsafe_layer:
+                return self.parallel(*args)
+            # Until we know the active threading layer is thread-safe (it is not when a user
+            # forced "workqueue"), parallel launches are serialized.
+            with _launch_lock:
+                result = self.parallel(*args)
+                _threadsafe_layer = numba.threading_layer() in ("tbb", "omp")
+                return result
+        finally:
+            if callers != threads:
+                numba.set_num_threads(callers)
 
 
 def kernel(fn):

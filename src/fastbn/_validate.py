@@ -20,7 +20,7 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: that fastbn need not import ml_dtypes). They compute through float32; see _dispatch.
 HALF_NAMES = ("float16", "bfloat16")
 ACTIVATIONS = (None, "relu")
-BACKENDS = ("numba", "reference")
+BACKENDS = ("numba", "cython", "reference")
 
 
 def is_half(dtype):

@@ -33,10 +33,10 @@ def precompile(dtypes=(np.float32, np.float64), log=None):
                     x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
                     rm, rv = np.zeros(shape[axis], dtype), np.ones(shape[axis], dtype)
                     _, mean, invstd = fastbn.forward(x, axis=axis, running_mean=rm,
-                                                     running_var=rv)
+                                                     running_var=rv, backend="numba")
                     fastbn.forward(x, axis=axis, training=False, running_mean=rm,
-                                   running_var=rv)
-                    fastbn.backward(x, x, mean, invstd, axis=axis)
+                                   running_var=rv, backend="numba")
+                    fastbn.backward(x, x, mean, invstd, axis=axis, backend="numba")
                     if log:
                         log(f"  {np.dtype(dtype).name} {shape} "
                             f"{'parallel' if parallel else 'serial'}: "

@@ -1,0 +1,1004 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, embedsignature=True
+"""Cython/OpenMP kernels: the optional compiled twin of :mod:`fastbn._numba_kernels`.
+
+How the layers stack
+--------------------
+- ``_cy_runs.h`` (C): loops over one run or a block of rows, one body for float and double.
+  The sums carry ``#pragma omp simd reduction``, the only place where reordering is allowed.
+- this module: ``cdef ... nogil`` functions over raw pointers and element strides, fused over
+  ``floating`` (float, double); ``prange(..., nogil=True, schedule="static")`` hands groups of
+  features or blocks of rows to threads, and each ``prange`` body is one call to a function
+  that owns its loop, so no variable is shared by accident;
+- ``def`` entry points with the names, arguments and results of the Numba kernels, plus a
+  leading ``threads`` argument (1: the loops run without waking a thread team). The dispatch
+  layer (:mod:`fastbn._dispatch`) validates nothing twice: arrays arrive with the right dtypes,
+  shapes, aligned data and strides that are whole numbers of elements (it checks the last two).
+
+The math, the summation order of every reduction that has a fixed order (per-feature sums add
+runs sample by sample; feature-inner partials are folded in the same fixed order), and the
+form of every elementwise expression are those of the Numba kernels; see that module's notes.
+"""
+from cython cimport floating
+from cython.parallel cimport prange
+from libc.math cimport sqrt, ldexp, frexp, fabs, INFINITY
+from libc.stdlib cimport calloc, malloc, free
+
+cimport numpy as cnp
+import numpy as np
+
+cnp.import_array()
+
+cdef extern from "_cy_runs.h" nogil:
+    ctypedef Py_ssize_t fbn_idx
+    void shifted_sums_f(const float *x, fbn_idx n, fbn_idx st, double shift, double *out)
+    void shifted_sums_d(const double *x, fbn_idx n, fbn_idx st, double shift, double *out)
+    void backward_sums_f(const float *dy, fbn_idx sdy, const float *x, fbn_idx sx, fbn_idx n,
+                         double shift, double *out)
+    void backward_sums_d(const double *dy, fbn_idx sdy, const double *x, fbn_idx sx, fbn_idx n,
+                         double shift, double *out)
+    void normalize_run_f(const float *x, fbn_idx sx, float *y, fbn_idx sy, fbn_idx n, float s,
+                         float hi, float scale, float shift, int relu)
+    void normalize_run_d(const double *x, fbn_idx sx, double *y, fbn_idx sy, fbn_idx n,
+                         double s, double hi, double scale, double shift, int relu)
+    void dx_run_f(const float *dy, fbn_idx sdy, const float *x, fbn_idx sx, float *dx,
+                  fbn_idx sdx, fbn_idx n, float s, float hi, float k, float u1, float u2)
+    void dx_run_d(const double *dy, fbn_idx sdy, const double *x, fbn_idx sx, double *dx,
+                  fbn_idx sdx, fbn_idx n, double s, double hi, double k, double u1, double u2)
+    void scale_run_f(const float *dy, fbn_idx sdy, float *dx, fbn_idx sdx, fbn_idx n, float k)
+    void scale_run_d(const double *dy, fbn_idx sdy, double *dx, fbn_idx sdx, fbn_idx n,
+                     double k)
+    void relu_sums_run_f(const float *dy, fbn_idx sdy, const float *x, fbn_idx sx, fbn_idx n,
+                         double shift, float s, float hi, float scale, float offset,
+                         double *out)
+    void relu_sums_run_d(const double *dy, fbn_idx sdy, const double *x, fbn_idx sx,
+                         fbn_idx n, double shift, double s, double hi, double scale,
+                         double offset, double *out)
+    void relu_dx_run_f(const float *dy, fbn_idx sdy, const float *x, fbn_idx sx, float *dx,
+                       fbn_idx sdx, fbn_idx n, const float *fc, const float *bc, int training)
+    void relu_dx_run_d(const double *dy, fbn_idx sdy, const double *x, fbn_idx sx, double *dx,
+                       fbn_idx sdx, fbn_idx n, const double *fc, const double *bc,
+                       int training)
+    void accumulate_rows_f(const float *x, fbn_idx rs, fbn_idx cs, fbn_idx a0, fbn_idx a1,
+                           fbn_idx L, const double *shift, double *p0, double *p1)
+    void accumulate_rows_d(const double *x, fbn_idx rs, fbn_idx cs, fbn_idx a0, fbn_idx a1,
+                           fbn_idx L, const double *shift, double *p0, double *p1)
+    void accumulate_backward_rows_f(const float *dy, fbn_idx drs, fbn_idx dcs, const float *x,
+                                    fbn_idx rs, fbn_idx cs, fbn_idx a0, fbn_idx a1, fbn_idx L,
+                                    const double *shift, double *p0, double *p1, double *p2)
+    void accumulate_backward_rows_d(const double *dy, fbn_idx drs, fbn_idx dcs,
+                                    const double *x, fbn_idx rs, fbn_idx cs, fbn_idx a0,
+                                    fbn_idx a1, fbn_idx L, const double *shift, double *p0,
+                                    double *p1, double *p2)
+    void normalize_rows_f(const float *x, fbn_idx rs, fbn_idx cs, float *y, fbn_idx yrs,
+                          fbn_idx ycs, fbn_idx a0, fbn_idx a1, fbn_idx L, const float *coef,
+                          int relu)
+    void normalize_rows_d(const double *x, fbn_idx rs, fbn_idx cs, double *y, fbn_idx yrs,
+                          fbn_idx ycs, fbn_idx a0, fbn_idx a1, fbn_idx L, const double *coef,
+                          int relu)
+    void dx_rows_f(const float *dy, fbn_idx drs, fbn_idx dcs, const float *x, fbn_idx rs,
+                   fbn_idx cs, float *dx, fbn_idx ors, fbn_idx ocs, fbn_idx a0, fbn_idx a1,
+                   fbn_idx L, const float *coef)
+    void dx_rows_d(const double *dy, fbn_idx drs, fbn_idx dcs, const double *x, fbn_idx rs,
+                   fbn_idx cs, double *dx, fbn_idx ors, fbn_idx ocs, fbn_idx a0, fbn_idx a1,
+                   fbn_idx L, const double *coef)
+    void scale_rows_f(const float *dy, fbn_idx drs, fbn_idx dcs, float *dx, fbn_idx ors,
+                      fbn_idx ocs, fbn_idx a0, fbn_idx a1, fbn_idx L, const float *k)
+    void scale_rows_d(const double *dy, fbn_idx drs, fbn_idx dcs, double *dx, fbn_idx ors,
+                      fbn_idx ocs, fbn_idx a0, fbn_idx a1, fbn_idx L, const double *k)
+    void relu_sums_rows_f(const float *dy, fbn_idx drs, fbn_idx dcs, const float *x,
+                          fbn_idx rs, fbn_idx cs, fbn_idx a0, fbn_idx a1, fbn_idx L,
+                          const double *shift, const float *fcoef, double *p0, double *p1)
+    void relu_sums_rows_d(const double *dy, fbn_idx drs, fbn_idx dcs, const double *x,
+                          fbn_idx rs, fbn_idx cs, fbn_idx a0, fbn_idx a1, fbn_idx L,
+                          const double *shift, const double *fcoef, double *p0, double *p1)
+    void relu_dx_rows_f(const float *dy, fbn_idx drs, fbn_idx dcs, const float *x, fbn_idx rs,
+                        fbn_idx cs, float *dx, fbn_idx ors, fbn_idx ocs, fbn_idx a0,
+                        fbn_idx a1, fbn_idx L, const float *coef, const float *fcoef,
+                        int training)
+    void relu_dx_rows_d(const double *dy, fbn_idx drs, fbn_idx dcs, const double *x,
+                        fbn_idx rs, fbn_idx cs, double *dx, fbn_idx ors, fbn_idx ocs,
+                        fbn_idx a0, fbn_idx a1, fbn_idx L, const double *coef,
+                        const double *fcoef, int training)
+
+
+# --- arrays as pointers ---------------------------------------------------------------------
+
+cdef struct Strided:
+    char *data
+    Py_ssize_t n0, n1, n2   # shape (n2 = 1 for 2-D views)
+    Py_ssize_t s0, s1, s2   # strides in elements
+
+
+cdef Strided _strided(cnp.ndarray arr):
+    cdef Strided v
+    cdef int nd = cnp.PyArray_NDIM(arr)
+    cdef Py_ssize_t item = cnp.PyArray_ITEMSIZE(arr)
+    v.data = cnp.PyArray_BYTES(arr)
+    v.n0 = cnp.PyArray_DIM(arr, 0) if nd > 0 else 1
+    v.n1 = cnp.PyArray_DIM(arr, 1) if nd > 1 else 1
+    v.n2 = cnp.PyArray_DIM(arr, 2) if nd > 2 else 1
+    v.s0 = cnp.PyArray_STRIDE(arr, 0) // item if nd > 0 else 0
+    v.s1 = cnp.PyArray_STRIDE(arr, 1) // item if nd > 1 else 0
+    v.s2 = cnp.PyArray_STRIDE(arr, 2) // item if nd > 2 else 0
+    return v
+
+
+cdef inline double *_f64(cnp.ndarray arr):
+    """A C-contiguous float64 array's data (stats, grads, weight, bias: the dispatch layer
+    allocates or converts them so)."""
+    return <double *> cnp.PyArray_DATA(arr)
+
+
+cdef inline bint _is_float(cnp.ndarray arr):
+    return cnp.PyArray_TYPE(arr) == cnp.NPY_FLOAT32
+
+
+# --- fused shims over the C loops -------------------------------------------------------------
+
+cdef inline void _shifted_sums(const floating *x, Py_ssize_t n, Py_ssize_t st, double shift,
+                               double *out) noexcept nogil:
+    if floating is float:
+        shifted_sums_f(x, n, st, shift, out)
+    else:
+        shifted_sums_d(x, n, st, shift, out)
+
+
+cdef inline void _backward_sums(const floating *dy, Py_ssize_t sdy, const floating *x,
+                                Py_ssize_t sx, Py_ssize_t n, double shift,
+                                double *out) noexcept nogil:
+    if floating is float:
+        backward_sums_f(dy, sdy, x, sx, n, shift, out)
+    else:
+        backward_sums_d(dy, sdy, x, sx, n, shift, out)
+
+
+cdef inline void _normalize_run(const floating *x, Py_ssize_t sx, floating *y, Py_ssize_t sy,
+                                Py_ssize_t n, const floating *coef, Py_ssize_t W,
+                                Py_ssize_t c, bint relu) noexcept nogil:
+    if floating is float:
+        normalize_run_f(x, sx, y, sy, n, coef[c], coef[W + c], coef[2 * W + c],
+                        coef[3 * W + c], relu)
+    else:
+        normalize_run_d(x, sx, y, sy, n, coef[c], coef[W + c], coef[2 * W + c],
+                        coef[3 * W + c], relu)
+
+
+cdef inline void _dx_run(const floating *dy, Py_ssize_t sdy, const floating *x, Py_ssize_t sx,
+                         floating *dx, Py_ssize_t sdx, Py_ssize_t n, const floating *coef,
+                         Py_ssize_t W, Py_ssize_t c) noexcept nogil:
+    if floating is float:
+        dx_run_f(dy, sdy, x, sx, dx, sdx, n, coef[c], coef[W + c], coef[2 * W + c],
+                 coef[3 * W + c], coef[4 * W + c])
+    else:
+        dx_run_d(dy, sdy, x, sx, dx, sdx, n, coef[c], coef[W + c], coef[2 * W + c],
+                 coef[3 * W + c], coef[4 * W + c])
+
+
+cdef inline void _scale_run(const floating *dy, Py_ssize_t sdy, floating *dx, Py_ssize_t sdx,
+                            Py_ssize_t n, floating k) noexcept nogil:
+    if floating is float:
+        scale_run_f(dy, sdy, dx, sdx, n, k)
+    else:
+        scale_run_d(dy, sdy, dx, sdx, n, k)
+
+
+cdef inline void _relu_sums_run(const floating *dy, Py_ssize_t sdy, const floating *x,
+                                Py_ssize_t sx, Py_ssize_t n, double shift,
+                                const floating *fcoef, Py_ssize_t W, Py_ssize_t c,
+                                double *out) noexcept nogil:
+    if floating is float:
+        relu_sums_run_f(dy, sdy, x, sx, n, shift, fcoef[c], fcoef[W + c], fcoef[2 * W + c],
+                        fcoef[3 * W + c], out)
+    else:
+        relu_sums_run_d(dy, sdy, x, sx, n, shift, fcoef[c], fcoef[W + c], fcoef[2 * W + c],
+                        fcoef[3 * W + c], out)
+
+
+cdef inline void _relu_dx_run(const floating *dy, Py_ssize_t sdy, const floating *x,
+                              Py_ssize_t sx, floating *dx, Py_ssize_t sdx, Py_ssize_t n,
+                              const floating *fc, const floating *bc,
+                              bint training) noexcept nogil:
+    if floating is float:
+        relu_dx_run_f(dy, sdy, x, sx, dx, sdx, n, fc, bc, training)
+    else:
+        relu_dx_run_d(dy, sdy, x, sx, dx, sdx, n, fc, bc, training)
+
+
+cdef inline void _accumulate_rows(const floating *x, Py_ssize_t rs, Py_ssize_t cs,
+                                  Py_ssize_t a0, Py_ssize_t a1, Py_ssize_t L,
+                                  const double *shift, double *p0, double *p1) noexcept nogil:
+    if floating is float:
+        accumulate_rows_f(x, rs, cs, a0, a1, L, shift, p0, p1)
+    else:
+        accumulate_rows_d(x, rs, cs, a0, a1, L, shift, p0, p1)
+
+
+cdef inline void _accumulate_backward_rows(const floating *dy, Py_ssize_t drs, Py_ssize_t dcs,
+                                           const floating *x, Py_ssize_t rs, Py_ssize_t cs,
+                                           Py_ssize_t a0, Py_ssize_t a1, Py_ssize_t L,
+                                           const double *shift, double *p0, double *p1,
+                                           double *p2) noexcept nogil:
+    if floating is float:
+        accumulate_backward_rows_f(dy, drs, dcs, x, rs, cs, a0, a1, L, shift, p0, p1, p2)
+    else:
+        accumulate_backward_rows_d(dy, drs, dcs, x, rs, cs, a0, a1, L, shift, p0, p1, p2)
+
+
+cdef inline void _normalize_rows(const floating *x, Py_ssize_t rs, Py_ssize_t cs, floating *y,
+                                 Py_ssize_t yrs, Py_ssize_t ycs, Py_ssize_t a0, Py_ssize_t a1,
+                                 Py_ssize_t L, const floating *coef, bint relu) noexcept nogil:
+    if floating is float:
+        normalize_rows_f(x, rs, cs, y, yrs, ycs, a0, a1, L, coef, relu)
+    else:
+        normalize_rows_d(x, rs, cs, y, yrs, ycs, a0, a1, L, coef, relu)
+
+
+cdef inline void _dx_rows(const floating *dy, Py_ssize_t drs, Py_ssize_t dcs, const floating *x,
+                          Py_ssize_t rs, Py_ssize_t cs, floating *dx, Py_ssize_t ors,
+                          Py_ssize_t ocs, Py_ssize_t a0, Py_ssize_t a1, Py_ssize_t L,
+                          const floating *coef, bint training) noexcept nogil:
+    if training:
+        if floating is float:
+            dx_rows_f(dy, drs, dcs, x, rs, cs, dx, ors, ocs, a0, a1, L, coef)
+        else:
+            dx_rows_d(dy, drs, dcs, x, rs, cs, dx, ors, ocs, a0, a1, L, coef)
+    else:  # eval: dx does not depend on x, so an Inf in x must not reach it
+        if floating is float:
+            scale_rows_f(dy, drs, dcs, dx, ors, ocs, a0, a1, L, coef + 2 * L)
+        else:
+            scale_rows_d(dy, drs, dcs, dx, ors, ocs, a0, a1, L, coef + 2 * L)
+
+
+cdef inline void _relu_sums_rows(const floating *dy, Py_ssize_t drs, Py_ssize_t dcs,
+                                 const floating *x, Py_ssize_t rs, Py_ssize_t cs, Py_ssize_t a0,
+                                 Py_ssize_t a1, Py_ssize_t L, const double *shift,
+                                 const floating *fcoef, double *p0, double *p1) noexcept nogil:
+    if floating is float:
+        relu_sums_rows_f(dy, drs, dcs, x, rs, cs, a0, a1, L, shift, fcoef, p0, p1)
+    else:
+        relu_sums_rows_d(dy, drs, dcs, x, rs, cs, a0, a1, L, shift, fcoef, p0, p1)
+
+
+cdef inline void _relu_dx_rows(const floating *dy, Py_ssize_t drs, Py_ssize_t dcs,
+                               const floating *x, Py_ssize_t rs, Py_ssize_t cs, floating *dx,
+                               Py_ssize_t ors, Py_ssize_t ocs, Py_ssize_t a0, Py_ssize_t a1,
+                               Py_ssize_t L, const floating *coef, const floating *fcoef,
+                               bint training) noexcept nogil:
+    if floating is float:
+        relu_dx_rows_f(dy, drs, dcs, x, rs, cs, dx, ors, ocs, a0, a1, L, coef, fcoef, training)
+    else:
+        relu_dx_rows_d(dy, drs, dcs, x, rs, cs, dx, ors, ocs, a0, a1, L, coef, fcoef, training)
+
+
+# --- per-feature finishing steps (the Numba module's helpers of the same names) ----------------
+
+cdef inline (double, double, double) _stats(double s1, double s2, double shift, double m,
+                                            double eps) noexcept nogil:
+    cdef double dm = s1 / m
+    cdef double var = s2 / m - dm * dm
+    if var < 0.0:  # rounding only; written so that NaN passes through
+        var = 0.0
+    return shift + dm, var, 1.0 / sqrt(var + eps)
+
+
+cdef inline double _refined_mean(double mean, double mean_ulp, double shift, double sx,
+                                 double m) noexcept nogil:
+    cdef double batch_mean = shift + sx / m
+    return batch_mean if fabs(batch_mean - mean) <= mean_ulp else mean
+
+
+cdef inline (double, double, double, double) _grad_terms(
+        double sdy, double sdyx, double shift, double m, double mean, double invstd,
+        double weight, bint training) noexcept nogil:
+    cdef double dgamma = (sdyx - (mean - shift) * sdy) * invstd
+    cdef double k = weight * invstd
+    if training:
+        return dgamma, k, -invstd * dgamma / m, -sdy / m
+    return dgamma, k, 0.0, 0.0
+
+
+cdef inline double _prescale(double mean, double var) noexcept nogil:
+    cdef double bound = sqrt(var)
+    cdef int exponent
+    if fabs(mean) > bound:
+        bound = fabs(mean)
+    if bound > 18446744073709551616.0 and bound < INFINITY:  # 2**64
+        frexp(bound, &exponent)
+        return ldexp(1.0, 64 - exponent)
+    return 1.0
+
+
+cdef inline void _forward_coefs(floating *coef, Py_ssize_t W, Py_ssize_t c, double mean,
+                                double invstd, double weight, double bias) noexcept nogil:
+    cdef double s = _prescale(mean, 1.0 / (invstd * invstd))
+    cdef double scale = weight * invstd / s
+    coef[c] = <floating> s
+    coef[W + c] = <floating> (mean * s)
+    coef[2 * W + c] = <floating> scale
+    coef[3 * W + c] = <floating> (bias - (mean * s - <double> coef[W + c]) * scale)
+
+
+cdef inline void _store_stats(double *stats, Py_ssize_t C, floating *coef, Py_ssize_t W,
+                              Py_ssize_t c, double mean, double var, double invstd,
+                              double weight, double bias) noexcept nogil:
+    stats[c] = mean
+    stats[C + c] = var
+    stats[2 * C + c] = invstd
+    coef[2 * W + c] = <floating> invstd  # rounded to x's dtype: invstd as forward returns it
+    _forward_coefs(coef, W, c, mean, <double> coef[2 * W + c], weight, bias)
+
+
+cdef inline void _store_grads(double *grads, Py_ssize_t C, floating *coef, Py_ssize_t W,
+                              Py_ssize_t c, double mean, double var, double dgamma,
+                              double dbeta, double k, double u1, double u2) noexcept nogil:
+    grads[c] = dgamma
+    grads[C + c] = dbeta
+    cdef double s = _prescale(mean, var)
+    coef[c] = <floating> s
+    coef[W + c] = <floating> (mean * s)
+    coef[2 * W + c] = <floating> k
+    coef[3 * W + c] = <floating> (u1 / s)
+    coef[4 * W + c] = <floating> (u2 - (mean * s - <double> coef[W + c]) * (u1 / s))
+
+
+# --- feature-inner helpers: columns, shifts, folds ---------------------------------------------
+# Column j of a view (A, L) holds feature (j // B) % C, L = k * C * B.
+
+cdef inline Py_ssize_t _quot(Py_ssize_t n, Py_ssize_t d) noexcept nogil:
+    """n // d, and 0 for d == 0 (zero-size axes), as Numba's error_model="numpy" gives: with
+    cdivision a C division by zero would kill the process."""
+    return n // d if d != 0 else 0
+
+
+cdef void _column_shifts(const floating *x, Py_ssize_t cs, Py_ssize_t L, Py_ssize_t C,
+                         Py_ssize_t B, double *shift) noexcept nogil:
+    cdef Py_ssize_t j = 0, r, c, b
+    cdef double value
+    for r in range(_quot(L, C * B)):
+        for c in range(C):
+            value = x[c * B * cs]
+            for b in range(B):
+                shift[j] = value
+                j += 1
+
+
+cdef void _fold_columns(const double *partial, Py_ssize_t S, Py_ssize_t nchunks, Py_ssize_t L,
+                        Py_ssize_t C, Py_ssize_t B, double *sums) noexcept nogil:
+    """partial (S, nchunks, L) -> per-feature sums (S, C), in the Numba kernels' order."""
+    cdef Py_ssize_t s, t, j, r, c, b
+    cdef double acc
+    for s in range(S * C):
+        sums[s] = 0.0
+    for s in range(S):
+        for t in range(nchunks):
+            j = 0
+            for r in range(_quot(L, C * B)):
+                for c in range(C):
+                    acc = 0.0
+                    for b in range(B):
+                        acc = acc + partial[(s * nchunks + t) * L + j]
+                        j += 1
+                    sums[s * C + c] += acc
+
+
+cdef void _tile_columns(floating *coef, Py_ssize_t R, Py_ssize_t L, Py_ssize_t C,
+                        Py_ssize_t B) noexcept nogil:
+    """coef[:, j] = coef[:, feature of j], in place, from the last column down."""
+    cdef Py_ssize_t j = L - 1, t, c, b, r
+    for t in range(_quot(L, C * B)):
+        for c in range(C - 1, -1, -1):
+            for b in range(B):
+                for r in range(R):
+                    coef[r * L + j] = coef[r * L + c]
+                j -= 1
+
+
+cdef inline Py_ssize_t _row0(Py_ssize_t t, Py_ssize_t A, Py_ssize_t nchunks) noexcept nogil:
+    return t * A // nchunks
+
+
+# --- feature-outer family ------------------------------------------------------------------------
+
+cdef void _forward_group(Strided xv, Strided yv, const double *weight, const double *bias,
+                         double eps, double *stats, floating *coef, bint relu, Py_ssize_t c0,
+                         Py_ssize_t c1, double *sums) noexcept nogil:
+    cdef const floating *x = <const floating *> xv.data
+    cdef floating *y = <floating *> yv.data
+    cdef Py_ssize_t A = xv.n0, C = xv.n1, B = xv.n2, a, c
+    cdef double r[2]
+    cdef double mean, var, invstd, shift
+    for c in range(c0, c1):
+        sums[2 * c] = 0.0
+        sums[2 * c + 1] = 0.0
+    for a in range(A):
+        for c in range(c0, c1):
+            _shifted_sums(x + a * xv.s0 + c * xv.s1, B, xv.s2, x[c * xv.s1], r)
+            sums[2 * c] += r[0]
+            sums[2 * c + 1] += r[1]
+    for c in range(c0, c1):
+        shift = x[c * xv.s1]
+        mean, var, invstd = _stats(sums[2 * c], sums[2 * c + 1], shift, <double> (A * B), eps)
+        _store_stats(stats, C, coef, C, c, mean, var, invstd, weight[c], bias[c])
+    for a in range(A):
+        for c in range(c0, c1):
+            _normalize_run(x + a * xv.s0 + c * xv.s1, xv.s2, y + a * yv.s0 + c * yv.s1, yv.s2,
+                           B, coef, C, c, relu)
+
+
+cdef void _forward_train_outer(Strided xv, Strided yv, const double *weight,
+                               const double *bias, double eps, double *stats, floating *coef,
+                               bint relu, Py_ssize_t group, int threads,
+                               double *sums) noexcept nogil:
+    cdef Py_ssize_t C = xv.n1, g, ngroups = (C + group - 1) // group
+    if threads == 1:
+        for g in range(ngroups):
+            _forward_group(xv, yv, weight, bias, eps, stats, coef, relu, g * group,
+                           min(C, (g + 1) * group), sums)
+    else:
+        for g in prange(ngroups, nogil=True, schedule="static", num_threads=threads):
+            _forward_group(xv, yv, weight, bias, eps, stats, coef, relu, g * group,
+                           min(C, (g + 1) * group), sums)
+
+
+cdef void _normalize_block(Strided xv, Strided yv, const floating *coef, bint relu,
+                           Py_ssize_t ac0, Py_ssize_t ac1) noexcept nogil:
+    cdef const floating *x = <const floating *> xv.data
+    cdef floating *y = <floating *> yv.data
+    cdef Py_ssize_t C = xv.n1, ac, a, c
+    for ac in range(ac0, ac1):
+        a = ac // C
+        c = ac - a * C
+        _normalize_run(x + a * xv.s0 + c * xv.s1, xv.s2, y + a * yv.s0 + c * yv.s1, yv.s2,
+                       xv.n2, coef, C, c, relu)
+
+
+cdef void _normalize_outer(Strided xv, Strided yv, const floating *coef, bint relu,
+                           int threads) noexcept nogil:
+    cdef Py_ssize_t n = xv.n0 * xv.n1, t
+    if threads == 1:
+        _normalize_block(xv, yv, coef, relu, 0, n)
+    else:
+        for t in prange(threads, nogil=True, schedule="static", num_threads=threads):
+            _normalize_block(xv, yv, coef, relu, _row0(t, n, threads), _row0(t + 1, n, threads))
+
+
+cdef void _backward_group(Strided gv, Strided xv, Strided ov, const double *mean_in,
+                          const double *mean_ulp, const double *invstd_in,
+                          const double *weight, bint training, double *grads,
+                          floating *coef, Py_ssize_t c0, Py_ssize_t c1,
+                          double *sums) noexcept nogil:
+    cdef const floating *dy = <const floating *> gv.data
+    cdef const floating *x = <const floating *> xv.data
+    cdef floating *dx = <floating *> ov.data
+    cdef Py_ssize_t A = xv.n0, C = xv.n1, B = xv.n2, a, c
+    cdef double m = <double> (A * B)
+    cdef double r[3]
+    cdef double shift, mean, invstd, dgamma, k, u1, u2
+    for c in range(c0, c1):
+        sums[3 * c] = 0.0
+        sums[3 * c + 1] = 0.0
+        sums[3 * c + 2] = 0.0
+    for a in range(A):
+        for c in range(c0, c1):
+            _backward_sums(dy + a * gv.s0 + c * gv.s1, gv.s2, x + a * xv.s0 + c * xv.s1, xv.s2,
+                           B, x[c * xv.s1], r)
+            sums[3 * c] += r[0]
+            sums[3 * c + 1] += r[1]
+            sums[3 * c + 2] += r[2]
+    for c in range(c0, c1):
+        shift = x[c * xv.s1]
+        mean = mean_in[c]
+        invstd = invstd_in[c]
+        if training:
+            mean = _refined_mean(mean, mean_ulp[c], shift, sums[3 * c], m)
+        dgamma, k, u1, u2 = _grad_terms(sums[3 * c + 1], sums[3 * c + 2], shift, m, mean,
+                                        invstd, weight[c], training)
+        _store_grads(grads, C, coef, C, c, mean, 1.0 / (invstd * invstd), dgamma,
+                     sums[3 * c + 1], k, u1, u2)
+    for a in range(A):
+        for c in range(c0, c1):
+            if training:
+                _dx_run(dy + a * gv.s0 + c * gv.s1, gv.s2, x + a * xv.s0 + c * xv.s1, xv.s2,
+                        dx + a * ov.s0 + c * ov.s1, ov.s2, B, coef, C, c)
+            else:  # eval: dx does not depend on x, so an Inf in x must not reach it
+                _scale_run(dy + a * gv.s0 + c * gv.s1, gv.s2, dx + a * ov.s0 + c * ov.s1,
+                           ov.s2, B, coef[2 * C + c])
+
+
+cdef void _backward_outer(Strided gv, Strided xv, Strided ov, const double *mean_in,
+                          const double *mean_ulp, const double *invstd_in,
+                          const double *weight, bint training, double *grads, floating *coef,
+                          Py_ssize_t group, int threads, double *sums) noexcept nogil:
+    cdef Py_ssize_t C = xv.n1, g, ngroups = (C + group - 1) // group
+    if threads == 1:
+        for g in range(ngroups):
+            _backward_group(gv, xv, ov, mean_in, mean_ulp, invstd_in, weight, training, grads,
+                            coef, g * group, min(C, (g + 1) * group), sums)
+    else:
+        for g in prange(ngroups, nogil=True, schedule="static", num_threads=threads):
+            _backward_group(gv, xv, ov, mean_in, mean_ulp, invstd_in, weight, training, grads,
+                            coef, g * group, min(C, (g + 1) * group), sums)
+
+
+cdef void _backward_relu_feature(Strided gv, Strided xv, Strided ov, const double *mean_in,
+                                 const double *mean_ulp, const double *invstd_in,
+                                 const double *weight, const double *bias, bint training,
+                                 double *grads, floating *coef, floating *fcoef,
+                                 Py_ssize_t c) noexcept nogil:
+    cdef const floating *dy = <const floating *> gv.data
+    cdef const floating *x = <const floating *> xv.data
+    cdef floating *dx = <floating *> ov.data
+    cdef Py_ssize_t A = xv.n0, C = xv.n1, B = xv.n2, a
+    cdef double m = <double> (A * B)
+    cdef double shift = x[c * xv.s1]
+    cdef double mean = mean_in[c], invstd = invstd_in[c]
+    cdef double s1 = 0.0, sdy = 0.0, sdyx = 0.0, dgamma, k, u1, u2
+    cdef double r[2]
+    cdef floating fc[4]
+    cdef floating bc[5]
+    if training:  # the forward's sum, in the forward's order
+        for a in range(A):
+            _shifted_sums(x + a * xv.s0 + c * xv.s1, B, xv.s2, shift, r)
+            s1 += r[0]
+        mean = _refined_mean(mean, mean_ulp[c], shift, s1, m)
+    _forward_coefs(fcoef, C, c, mean, invstd, weight[c], bias[c])
+    for a in range(A):
+        _relu_sums_run(dy + a * gv.s0 + c * gv.s1, gv.s2, x + a * xv.s0 + c * xv.s1, xv.s2, B,
+                       shift, fcoef, C, c, r)
+        sdy += r[0]
+        sdyx += r[1]
+    dgamma, k, u1, u2 = _grad_terms(sdy, sdyx, shift, m, mean, invstd, weight[c], training)
+    _store_grads(grads, C, coef, C, c, mean, 1.0 / (invstd * invstd), dgamma, sdy, k, u1, u2)
+    for a in range(4):
+        fc[a] = fcoef[a * C + c]
+    for a in range(5):
+        bc[a] = coef[a * C + c]
+    for a in range(A):
+        _relu_dx_run(dy + a * gv.s0 + c * gv.s1, gv.s2, x + a * xv.s0 + c * xv.s1, xv.s2,
+                     dx + a * ov.s0 + c * ov.s1, ov.s2, B, fc, bc, training)
+
+
+cdef void _backward_relu_outer(Strided gv, Strided xv, Strided ov, const double *mean_in,
+                               const double *mean_ulp, const double *invstd_in,
+                               const double *weight, const double *bias, bint training,
+                               double *grads, floating *coef, floating *fcoef,
+                               int threads) noexcept nogil:
+    cdef Py_ssize_t c
+    if threads == 1:
+        for c in range(xv.n1):
+            _backward_relu_feature(gv, xv, ov, mean_in, mean_ulp, invstd_in, weight, bias,
+                                   training, grads, coef, fcoef, c)
+    else:
+        for c in prange(xv.n1, nogil=True, schedule="static", num_threads=threads):
+            _backward_relu_feature(gv, xv, ov, mean_in, mean_ulp, invstd_in, weight, bias,
+                                   training, grads, coef, fcoef, c)
+
+
+# --- feature-inner family -------------------------------------------------------------------------
+
+cdef void _accumulate(const floating *x, Strided xv, const double *shift, double *partial,
+                      Py_ssize_t nchunks, int threads) noexcept nogil:
+    """Forward sums of every row block into partial (2, nchunks, L); x is xv's data."""
+    cdef Py_ssize_t A = xv.n0, L = xv.n1, t
+    if threads == 1:
+        for t in range(nchunks):
+            _accumulate_rows(x, xv.s0, xv.s1, _row0(t, A, nchunks), _row0(t + 1, A, nchunks), L,
+                             shift, partial + t * L, partial + (nchunks + t) * L)
+    else:
+        for t in prange(nchunks, nogil=True, schedule="static", num_threads=threads):
+            _accumulate_rows(x, xv.s0, xv.s1, _row0(t, A, nchunks), _row0(t + 1, A, nchunks), L,
+                             shift, partial + t * L, partial + (nchunks + t) * L)
+
+
+cdef void _normalize_inner(Strided xv, Strided yv, const floating *coef, Py_ssize_t nchunks,
+                           bint relu, int threads) noexcept nogil:
+    cdef const floating *x = <const floating *> xv.data
+    cdef floating *y = <floating *> yv.data
+    cdef Py_ssize_t A = xv.n0, L = xv.n1, t
+    if threads == 1:
+        _normalize_rows(x, xv.s0, xv.s1, y, yv.s0, yv.s1, 0, A, L, coef, relu)
+    else:
+        for t in prange(nchunks, nogil=True, schedule="static", num_threads=threads):
+            _normalize_rows(x, xv.s0, xv.s1, y, yv.s0, yv.s1, _row0(t, A, nchunks),
+                            _row0(t + 1, A, nchunks), L, coef, relu)
+
+
+cdef int _forward_train_inner(Strided xv, Strided yv, const double *weight, const double *bias,
+                              double eps, double *stats, floating *coef, Py_ssize_t C,
+                              Py_ssize_t nchunks, Py_ssize_t B, bint relu,
+                              int threads) noexcept nogil:
+    cdef const floating *x = <const floating *> xv.data
+    cdef Py_ssize_t A = xv.n0, L = xv.n1, c
+    cdef double m = <double> (A * _quot(L, C))
+    cdef double mean, var, invstd
+    cdef double *shift = <double *> malloc(L * sizeof(double))
+    cdef double *partial = <double *> calloc(2 * nchunks * L, sizeof(double))
+    cdef double *sums = <double *> malloc(2 * C * sizeof(double))
+    if shift == NULL or partial == NULL or sums == NULL:
+        free(shift); free(partial); free(sums)
+        return -1
+    _column_shifts(x, xv.s1, L, C, B, shift)
+    _accumulate(x, xv, shift, partial, nchunks, threads)
+    _fold_columns(partial, 2, nchunks, L, C, B, sums)  # backward_relu_inner repeats this
+    for c in range(C):
+        mean, var, invstd = _stats(sums[c], sums[C + c], shift[c * B], m, eps)
+        _store_stats(stats, C, coef, L, c, mean, var, invstd, weight[c], bias[c])
+    _tile_columns(coef, 4, L, C, B)
+    _normalize_inner(xv, yv, coef, nchunks, relu, threads)
+    free(shift); free(partial); free(sums)
+    return 0
+
+
+cdef void _backward_rows(Strided gv, Strided xv, Strided ov, const double *shift,
+                         double *partial, const floating *coef, Py_ssize_t nchunks,
+                         bint sums_pass, bint training, Py_ssize_t t) noexcept nogil:
+    """One row block of backward: its sums into partial (3, nchunks, L), or its dx rows."""
+    cdef const floating *dy = <const floating *> gv.data
+    cdef const floating *x = <const floating *> xv.data
+    cdef floating *dx = <floating *> ov.data
+    cdef Py_ssize_t A = xv.n0, L = xv.n1
+    cdef Py_ssize_t a0 = _row0(t, A, nchunks), a1 = _row0(t + 1, A, nchunks)
+    if sums_pass:
+        _accumulate_backward_rows(dy, gv.s0, gv.s1, x, xv.s0, xv.s1, a0, a1, L, shift,
+                                  partial + t * L, partial + (nchunks + t) * L,
+                                  partial + (2 * nchunks + t) * L)
+    else:
+        _dx_rows(dy, gv.s0, gv.s1, x, xv.s0, xv.s1, dx, ov.s0, ov.s1, a0, a1, L, coef, training)
+
+
+cdef void _backward_rows_all(Strided gv, Strided xv, Strided ov, const double *shift,
+                             double *partial, const floating *coef, Py_ssize_t nchunks,
+                             bint sums_pass, bint training, int threads) noexcept nogil:
+    cdef Py_ssize_t t
+    if threads == 1:
+        for t in range(nchunks):
+            _backward_rows(gv, xv, ov, shift, partial, coef, nchunks, sums_pass, training, t)
+    else:
+        for t in prange(nchunks, nogil=True, schedule="static", num_threads=threads):
+            _backward_rows(gv, xv, ov, shift, partial, coef, nchunks, sums_pass, training, t)
+
+
+cdef int _backward_inner(Strided gv, Strided xv, Strided ov, const double *mean_in,
+                         const double *mean_ulp, const double *invstd_in, const double *weight,
+                         bint training, double *grads, floating *coef, Py_ssize_t C,
+                         Py_ssize_t nchunks, Py_ssize_t B, int threads) noexcept nogil:
+    cdef const floating *x = <const floating *> xv.data
+    cdef Py_ssize_t A = xv.n0, L = xv.n1, c
+    cdef double m = <double> (A * _quot(L, C))
+    cdef double mean, invstd, dgamma, k, u1, u2
+    cdef double *shift = <double *> malloc(L * sizeof(double))
+    cdef double *partial = <double *> calloc(3 * nchunks * L, sizeof(double))
+    cdef double *sums = <double *> malloc(3 * C * sizeof(double))
+    if shift == NULL or partial == NULL or sums == NULL:
+        free(shift); free(partial); free(sums)
+        return -1
+    _column_shifts(x, xv.s1, L, C, B, shift)
+    _backward_rows_all(gv, xv, ov, shift, partial, coef, nchunks, True, training, threads)
+    _fold_columns(partial, 3, nchunks, L, C, B, sums)
+    for c in range(C):
+        mean = mean_in[c]
+        invstd = invstd_in[c]
+        if training:
+            mean = _refined_mean(mean, mean_ulp[c], shift[c * B], sums[c], m)
+        dgamma, k, u1, u2 = _grad_terms(sums[C + c], sums[2 * C + c], shift[c * B], m, mean,
+                                        invstd, weight[c], training)
+        _store_grads(grads, C, coef, L, c, mean, 1.0 / (invstd * invstd), dgamma, sums[C + c],
+                     k, u1, u2)
+    _tile_columns(coef, 5, L, C, B)
+    _backward_rows_all(gv, xv, ov, shift, partial, coef, nchunks, False, training, threads)
+    free(shift); free(partial); free(sums)
+    return 0
+
+
+cdef void _relu_rows(Strided gv, Strided xv, Strided ov, const double *shift, double *partial,
+                     const floating *coef, const floating *fcoef, Py_ssize_t nchunks,
+                     bint sums_pass, bint training, Py_ssize_t t) noexcept nogil:
+    cdef const floating *dy = <const floating *> gv.data
+    cdef const floating *x = <const floating *> xv.data
+    cdef floating *dx = <floating *> ov.data
+    cdef Py_ssize_t A = xv.n0, L = xv.n1
+    cdef Py_ssize_t a0 = _row0(t, A, nchunks), a1 = _row0(t + 1, A, nchunks)
+    if sums_pass:
+        _relu_sums_rows(dy, gv.s0, gv.s1, x, xv.s0, xv.s1, a0, a1, L, shift, fcoef,
+                        partial + t * L, partial + (nchunks + t) * L)
+    else:
+        _relu_dx_rows(dy, gv.s0, gv.s1, x, xv.s0, xv.s1, dx, ov.s0, ov.s1, a0, a1, L, coef,
+                      fcoef, training)
+
+
+cdef void _relu_rows_all(Strided gv, Strided xv, Strided ov, const double *shift,
+                         double *partial, const floating *coef, const floating *fcoef,
+                         Py_ssize_t nchunks, bint sums_pass, bint training,
+                         int threads) noexcept nogil:
+    cdef Py_ssize_t t
+    if threads == 1:
+        for t in range(nchunks):
+            _relu_rows(gv, xv, ov, shift, partial, coef, fcoef, nchunks, sums_pass, training, t)
+    else:
+        for t in prange(nchunks, nogil=True, schedule="static", num_threads=threads):
+            _relu_rows(gv, xv, ov, shift, partial, coef, fcoef, nchunks, sums_pass, training, t)
+
+
+cdef int _backward_relu_inner(Strided gv, Strided xv, Strided ov, const double *mean_in,
+                              const double *mean_ulp, const double *invstd_in,
+                              const double *weight, const double *bias, bint training,
+                              double *grads, floating *coef, floating *fcoef, Py_ssize_t C,
+                              Py_ssize_t nchunks, Py_ssize_t B, int threads) noexcept nogil:
+    cdef const floating *x = <const floating *> xv.data
+    cdef Py_ssize_t A = xv.n0, L = xv.n1, c
+    cdef double m = <double> (A * _quot(L, C))
+    cdef double mean, invstd, dgamma, k, u1, u2
+    cdef double *shift = <double *> malloc(L * sizeof(double))
+    cdef double *partial = <double *> calloc(2 * nchunks * L, sizeof(double))
+    cdef double *sums = <double *> malloc(2 * C * sizeof(double))
+    if shift == NULL or partial == NULL or sums == NULL:
+        free(shift); free(partial); free(sums)
+        return -1
+    _column_shifts(x, xv.s1, L, C, B, shift)
+    if training:  # the forward's sums, as _forward_train_inner takes them
+        _accumulate(x, xv, shift, partial, nchunks, threads)
+        _fold_columns(partial, 2, nchunks, L, C, B, sums)
+    for c in range(C):
+        mean = mean_in[c]
+        if training:
+            mean = _refined_mean(mean, mean_ulp[c], shift[c * B], sums[c], m)
+        _forward_coefs(fcoef, L, c, mean, invstd_in[c], weight[c], bias[c])
+        grads[c] = mean  # parked here until the gradients are known
+    _tile_columns(fcoef, 4, L, C, B)
+    for c in range(2 * nchunks * L):
+        partial[c] = 0.0
+    _relu_rows_all(gv, xv, ov, shift, partial, coef, fcoef, nchunks, True, training, threads)
+    _fold_columns(partial, 2, nchunks, L, C, B, sums)
+    for c in range(C):
+        mean = grads[c]
+        invstd = invstd_in[c]
+        dgamma, k, u1, u2 = _grad_terms(sums[c], sums[C + c], shift[c * B], m, mean, invstd,
+                                        weight[c], training)
+        _store_grads(grads, C, coef, L, c, mean, 1.0 / (invstd * invstd), dgamma, sums[c], k,
+                     u1, u2)
+    _tile_columns(coef, 5, L, C, B)
+    _relu_rows_all(gv, xv, ov, shift, partial, coef, fcoef, nchunks, False, training, threads)
+    free(shift); free(partial); free(sums)
+    return 0
+
+
+# --- entry points: the Numba kernels' names and arguments, after ``threads`` ------------------------
+# Pointers are taken with the GIL held; the loops run without it.
+
+cdef inline int _checked(int status) except -1:
+    if status != 0:
+        raise MemoryError("fastbn: no memory for the kernel's scratch sums")
+    return 0
+
+
+cdef inline void *_data(cnp.ndarray arr):
+    return cnp.PyArray_DATA(arr)
+
+
+def forward_train_outer(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndarray weight,
+                        cnp.ndarray bias, double eps, cnp.ndarray stats, cnp.ndarray coef,
+                        bint relu, Py_ssize_t group):
+    """Training forward on a (A, C, B) view, by groups of ``group`` adjacent features."""
+    cdef Strided xv = _strided(x), yv = _strided(y)
+    cdef double *w = _f64(weight)
+    cdef double *b = _f64(bias)
+    cdef double *st = _f64(stats)
+    cdef void *cf = _data(coef)
+    cdef bint f32 = _is_float(x)
+    cdef double *sums = <double *> malloc(2 * xv.n1 * sizeof(double))
+    _checked(0 if sums != NULL else -1)
+    with nogil:
+        if f32:
+            _forward_train_outer(xv, yv, w, b, eps, st, <float *> cf, relu, group, threads, sums)
+        else:
+            _forward_train_outer(xv, yv, w, b, eps, st, <double *> cf, relu, group, threads,
+                                 sums)
+        free(sums)
+
+
+def forward_train_inner(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndarray weight,
+                        cnp.ndarray bias, double eps, cnp.ndarray stats, cnp.ndarray coef,
+                        Py_ssize_t nchunks, Py_ssize_t B, bint relu):
+    """Training forward on a feature-inner view (A, L)."""
+    cdef Strided xv = _strided(x), yv = _strided(y)
+    cdef Py_ssize_t C = cnp.PyArray_DIM(weight, 0)
+    cdef double *w = _f64(weight)
+    cdef double *b = _f64(bias)
+    cdef double *st = _f64(stats)
+    cdef void *cf = _data(coef)
+    cdef bint f32 = _is_float(x)
+    cdef int status
+    with nogil:
+        if f32:
+            status = _forward_train_inner(xv, yv, w, b, eps, st, <float *> cf, C, nchunks, B,
+                                          relu, threads)
+        else:
+            status = _forward_train_inner(xv, yv, w, b, eps, st, <double *> cf, C, nchunks, B,
+                                          relu, threads)
+    _checked(status)
+
+
+def normalize_outer(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndarray coef, bint relu):
+    """y = (x * s - mean_hi) * scale + shift' on a (A, C, B) view."""
+    cdef Strided xv = _strided(x), yv = _strided(y)
+    cdef void *cf = _data(coef)
+    cdef bint f32 = _is_float(x)
+    with nogil:
+        if f32:
+            _normalize_outer(xv, yv, <const float *> cf, relu, threads)
+        else:
+            _normalize_outer(xv, yv, <const double *> cf, relu, threads)
+
+
+def normalize_inner(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndarray coef,
+                    Py_ssize_t nchunks, bint relu):
+    """The same on a feature-inner view, with coefficients tiled to its columns."""
+    cdef Strided xv = _strided(x), yv = _strided(y)
+    cdef void *cf = _data(coef)
+    cdef bint f32 = _is_float(x)
+    with nogil:
+        if f32:
+            _normalize_inner(xv, yv, <const float *> cf, nchunks, relu, threads)
+        else:
+            _normalize_inner(xv, yv, <const double *> cf, nchunks, relu, threads)
+
+
+def backward_outer(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx,
+                   cnp.ndarray mean_in, cnp.ndarray mean_ulp, cnp.ndarray invstd_in,
+                   cnp.ndarray weight, bint training, cnp.ndarray grads, cnp.ndarray coef,
+                   Py_ssize_t group):
+    """Backward on (A, C, B) views, by groups of adjacent features."""
+    cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
+    cdef double *mu = _f64(mean_in)
+    cdef double *ulp = _f64(mean_ulp)
+    cdef double *istd = _f64(invstd_in)
+    cdef double *w = _f64(weight)
+    cdef double *gr = _f64(grads)
+    cdef void *cf = _data(coef)
+    cdef bint f32 = _is_float(x)
+    cdef double *sums = <double *> malloc(3 * xv.n1 * sizeof(double))
+    _checked(0 if sums != NULL else -1)
+    with nogil:
+        if f32:
+            _backward_outer(gv, xv, ov, mu, ulp, istd, w, training, gr, <float *> cf, group,
+                            threads, sums)
+        else:
+            _backward_outer(gv, xv, ov, mu, ulp, istd, w, training, gr, <double *> cf, group,
+                            threads, sums)
+        free(sums)
+
+
+def backward_inner(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx,
+                   cnp.ndarray mean_in, cnp.ndarray mean_ulp, cnp.ndarray invstd_in,
+                   cnp.ndarray weight, bint training, cnp.ndarray grads, cnp.ndarray coef,
+                   Py_ssize_t nchunks, Py_ssize_t B):
+    """Backward on feature-inner views (A, L)."""
+    cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
+    cdef Py_ssize_t C = cnp.PyArray_DIM(weight, 0)
+    cdef double *mu = _f64(mean_in)
+    cdef double *ulp = _f64(mean_ulp)
+    cdef double *istd = _f64(invstd_in)
+    cdef double *w = _f64(weight)
+    cdef double *gr = _f64(grads)
+    cdef void *cf = _data(coef)
+    cdef bint f32 = _is_float(x)
+    cdef int status
+    with nogil:
+        if f32:
+            status = _backward_inner(gv, xv, ov, mu, ulp, istd, w, training, gr, <float *> cf,
+                                     C, nchunks, B, threads)
+        else:
+            status = _backward_inner(gv, xv, ov, mu, ulp, istd, w, training, gr,
+                                     <double *> cf, C, nchunks, B, threads)
+    _checked(status)
+
+
+def backward_relu_outer(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx,
+                        cnp.ndarray mean_in, cnp.ndarray mean_ulp, cnp.ndarray invstd_in,
+                        cnp.ndarray weight, cnp.ndarray bias, bint training,
+                        cnp.ndarray grads, cnp.ndarray coef, cnp.ndarray fcoef):
+    """Backward of relu(batch_norm(x)) on (A, C, B) views, per feature."""
+    cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
+    cdef double *mu = _f64(mean_in)
+    cdef double *ulp = _f64(mean_ulp)
+    cdef double *istd = _f64(invstd_in)
+    cdef double *w = _f64(weight)
+    cdef double *b = _f64(bias)
+    cdef double *gr = _f64(grads)
+    cdef void *cf = _data(coef)
+    cdef void *fc = _data(fcoef)
+    cdef bint f32 = _is_float(x)
+    with nogil:
+        if f32:
+            _backward_relu_outer(gv, xv, ov, mu, ulp, istd, w, b, training, gr, <float *> cf,
+                                 <float *> fc, threads)
+        else:
+            _backward_relu_outer(gv, xv, ov, mu, ulp, istd, w, b, training, gr, <double *> cf,
+                                 <double *> fc, threads)
+
+
+def backward_relu_inner(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx,
+                        cnp.ndarray mean_in, cnp.ndarray mean_ulp, cnp.ndarray invstd_in,
+                        cnp.ndarray weight, cnp.ndarray bias, bint training,
+                        cnp.ndarray grads, cnp.ndarray coef, cnp.ndarray fcoef,
+                        Py_ssize_t nchunks, Py_ssize_t B):
+    """Backward of relu(batch_norm(x)) on feature-inner views (A, L)."""
+    cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
+    cdef Py_ssize_t C = cnp.PyArray_DIM(weight, 0)
+    cdef double *mu = _f64(mean_in)
+    cdef double *ulp = _f64(mean_ulp)
+    cdef double *istd = _f64(invstd_in)
+    cdef double *w = _f64(weight)
+    cdef double *b = _f64(bias)
+    cdef double *gr = _f64(grads)
+    cdef void *cf = _data(coef)
+    cdef void *fc = _data(fcoef)
+    cdef bint f32 = _is_float(x)
+    cdef int status
+    with nogil:
+        if f32:
+            status = _backward_relu_inner(gv, xv, ov, mu, ulp, istd, w, b, training, gr,
+                                          <float *> cf, <float *> fc, C, nchunks, B, threads)
+        else:
+            status = _backward_relu_inner(gv, xv, ov, mu, ulp, istd, w, b, training, gr,
+                                          <double *> cf, <double *> fc, C, nchunks, B, threads)
+    _checked(status)
+
+
+def tile_columns(cnp.ndarray coef, Py_ssize_t C, Py_ssize_t B):
+    """coef[:, j] = coef[:, feature of column j] for every column j, in place."""
+    cdef Py_ssize_t R = cnp.PyArray_DIM(coef, 0), L = cnp.PyArray_DIM(coef, 1)
+    if _is_float(coef):
+        _tile_columns(<float *> _data(coef), R, L, C, B)
+    else:
+        _tile_columns(<double *> _data(coef), R, L, C, B)
+
+
+cdef void _eval_coefficients(const double *running_mean, const double *running_var,
+                             const double *weight, const double *bias, double eps,
+                             double *stats, floating *coef, Py_ssize_t C,
+                             Py_ssize_t W) noexcept nogil:
+    cdef Py_ssize_t c
+    for c in range(C):
+        _store_stats(stats, C, coef, W, c, running_mean[c], running_var[c],
+                     1.0 / sqrt(running_var[c] + eps), weight[c], bias[c])
+
+
+def eval_coefficients(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarray weight,
+                      cnp.ndarray bias, double eps, cnp.ndarray stats, cnp.ndarray coef):
+    """Eval-mode statistics and coefficients from the running statistics (float64, (C,));
+    coef (4, W) gets them in its first C columns."""
+    cdef Py_ssize_t C = cnp.PyArray_DIM(weight, 0), W = cnp.PyArray_DIM(coef, 1)
+    if _is_float(coef):
+        _eval_coefficients(_f64(running_mean), _f64(running_var), _f64(weight), _f64(bias), eps,
+                           _f64(stats), <float *> _data(coef), C, W)
+    else:
+        _eval_coefficients(_f64(running_mean), _f64(running_var), _f64(weight), _f64(bias), eps,
+                           _f64(stats), <double *> _data(coef), C, W)
+
+
+cdef void _update_running(floating *rm, Py_ssize_t sm, floating *rv, Py_ssize_t sv,
+                          const double *stats, Py_ssize_t C, double momentum,
+                          double m) noexcept nogil:
+    cdef double unbias = m / (m - 1.0)
+    cdef double new_mean, new_var
+    cdef Py_ssize_t c
+    for c in range(C):
+        new_mean = (1.0 - momentum) * rm[c * sm] + momentum * stats[c]
+        new_var = (1.0 - momentum) * rv[c * sv] + momentum * (stats[C + c] * unbias)
+        rm[c * sm] = <floating> new_mean
+        rv[c * sv] = <floating> new_var
+
+
+def update_running_stats(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarray stats,
+                         double momentum, Py_ssize_t m):
+    """The twin of fastbn._common.update_running_stats (same operations, same bits), for
+    running statistics of one dtype, float32 or float64, with aligned element strides."""
+    cdef Strided mv = _strided(running_mean), vv = _strided(running_var)
+    if _is_float(running_mean):
+        _update_running(<float *> mv.data, mv.s0, <float *> vv.data, vv.s0, _f64(stats),
+                        mv.n0, momentum, <double> m)
+    else:
+        _update_running(<double *> mv.data, mv.s0, <double *> vv.data, vv.s0, _f64(stats),
+                        mv.n0, momentum, <double> m)

@@ -1,0 +1,364 @@
+/* Body of _cy_runs.h for one element type FBN_T (float or double); FBN(name) appends the
+ * type's suffix. The arithmetic is that of fastbn/_numba_kernels.py, operation for operation:
+ * sums in double around a per-feature shift, elementwise results in FBN_T. Each loop has a
+ * unit-stride version (vectorized) and a strided one. */
+
+#define T FBN_T
+
+/* The normalized value, (v * s - hi) * scale + shift, evaluated as written (see _cy_runs.h). */
+static inline T FBN(bn_value)(T v, T s, T hi, T scale, T shift)
+{
+    return (v * s - hi) * scale + shift;
+}
+
+/* max(z, 0) with NaN passed through, as torch.relu. */
+static inline T FBN(relu)(T z)
+{
+    return z <= (T)0 ? (T)0 : z;
+}
+
+/* --- runs of one feature (feature-outer family) ------------------------------------------- */
+
+/* out = sum(x - shift), sum((x - shift)^2) over the run. */
+static inline void FBN(shifted_sums)(const T *x, fbn_idx n, fbn_idx st, double shift,
+                                     double *out)
+{
+    double s1 = 0.0, s2 = 0.0;
+    fbn_idx b;
+    if (st == 1) {
+        #pragma omp simd reduction(+:s1,s2)
+        for (b = 0; b < n; b++) {
+            double d = (double)x[b] - shift;
+            s1 += d;
+            s2 += d * d;
+        }
+    } else {
+        for (b = 0; b < n; b++) {
+            double d = (double)x[b * st] - shift;
+            s1 += d;
+            s2 += d * d;
+        }
+    }
+    out[0] = s1;
+    out[1] = s2;
+}
+
+/* out = sum(x - shift), sum(dy), sum(dy * (x - shift)) over the run. */
+static inline void FBN(backward_sums)(const T *dy, fbn_idx sdy, const T *x, fbn_idx sx,
+                                      fbn_idx n, double shift, double *out)
+{
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0;
+    fbn_idx b;
+    if (sdy == 1 && sx == 1) {
+        #pragma omp simd reduction(+:a0,a1,a2)
+        for (b = 0; b < n; b++) {
+            double d = (double)x[b] - shift;
+            double g = (double)dy[b];
+            a0 += d;
+            a1 += g;
+            a2 += g * d;
+        }
+    } else {
+        for (b = 0; b < n; b++) {
+            double d = (double)x[b * sx] - shift;
+            double g = (double)dy[b * sdy];
+            a0 += d;
+            a1 += g;
+            a2 += g * d;
+        }
+    }
+    out[0] = a0;
+    out[1] = a1;
+    out[2] = a2;
+}
+
+static inline void FBN(normalize_run)(const T *x, fbn_idx sx, T *y, fbn_idx sy, fbn_idx n,
+                                      T s, T hi, T scale, T shift, int relu)
+{
+    fbn_idx b;
+    if (sx == 1 && sy == 1) {
+        if (relu) {
+            #pragma omp simd
+            for (b = 0; b < n; b++)
+                y[b] = FBN(relu)(FBN(bn_value)(x[b], s, hi, scale, shift));
+        } else {
+            #pragma omp simd
+            for (b = 0; b < n; b++)
+                y[b] = FBN(bn_value)(x[b], s, hi, scale, shift);
+        }
+    } else {
+        for (b = 0; b < n; b++) {
+            T z = FBN(bn_value)(x[b * sx], s, hi, scale, shift);
+            y[b * sy] = relu ? FBN(relu)(z) : z;
+        }
+    }
+}
+
+/* dx = (dy + (x * s - hi) * u1 + u2) * k */
+static inline void FBN(dx_run)(const T *dy, fbn_idx sdy, const T *x, fbn_idx sx, T *dx,
+                               fbn_idx sdx, fbn_idx n, T s, T hi, T k, T u1, T u2)
+{
+    fbn_idx b;
+    if (sdy == 1 && sx == 1 && sdx == 1) {
+        #pragma omp simd
+        for (b = 0; b < n; b++)
+            dx[b] = (dy[b] + (x[b] * s - hi) * u1 + u2) * k;
+    } else {
+        for (b = 0; b < n; b++)
+            dx[b * sdx] = (dy[b * sdy] + (x[b * sx] * s - hi) * u1 + u2) * k;
+    }
+}
+
+static inline void FBN(scale_run)(const T *dy, fbn_idx sdy, T *dx, fbn_idx sdx, fbn_idx n, T k)
+{
+    fbn_idx b;
+    if (sdy == 1 && sdx == 1) {
+        #pragma omp simd
+        for (b = 0; b < n; b++)
+            dx[b] = dy[b] * k;
+    } else {
+        for (b = 0; b < n; b++)
+            dx[b * sdx] = dy[b * sdy] * k;
+    }
+}
+
+/* out = sum(g), sum(g * (x - shift)) with g = dy where the forward's output was > 0. */
+static inline void FBN(relu_sums_run)(const T *dy, fbn_idx sdy, const T *x, fbn_idx sx,
+                                      fbn_idx n, double shift, T s, T hi, T scale, T offset,
+                                      double *out)
+{
+    double a0 = 0.0, a1 = 0.0;
+    fbn_idx b;
+    if (sdy == 1 && sx == 1) {
+        #pragma omp simd reduction(+:a0,a1)
+        for (b = 0; b < n; b++) {
+            T v = x[b];
+            double g = FBN(bn_value)(v, s, hi, scale, offset) > (T)0 ? (double)dy[b] : 0.0;
+            a0 += g;
+            a1 += g * ((double)v - shift);
+        }
+    } else {
+        for (b = 0; b < n; b++) {
+            T v = x[b * sx];
+            double g = FBN(bn_value)(v, s, hi, scale, offset) > (T)0 ? (double)dy[b * sdy] : 0.0;
+            a0 += g;
+            a1 += g * ((double)v - shift);
+        }
+    }
+    out[0] = a0;
+    out[1] = a1;
+}
+
+/* fc: the forward's s, hi, scale, offset (its mask); bc: the backward's s, hi, k, u1, u2. */
+static inline void FBN(relu_dx_run)(const T *dy, fbn_idx sdy, const T *x, fbn_idx sx, T *dx,
+                                    fbn_idx sdx, fbn_idx n, const T *fc, const T *bc,
+                                    int training)
+{
+    fbn_idx b;
+    for (b = 0; b < n; b++) {
+        T v = x[b * sx];
+        T g = dy[b * sdy];
+        if (!(FBN(bn_value)(v, fc[0], fc[1], fc[2], fc[3]) > (T)0))
+            g = g * (T)0;
+        dx[b * sdx] = training ? (g + (v * bc[0] - bc[1]) * bc[3] + bc[4]) * bc[2] : g * bc[2];
+    }
+}
+
+/* --- rows of a feature-inner view (A, L) ------------------------------------------------------
+ * Row a starts at x + a * rs; its columns are cs apart. Column j's coefficients are coef[r * L
+ * + j] (r-th coefficient), its shift shift[j]; partial sums p0, p1, p2 are rows of L doubles. */
+
+/* Shifted sums of rows a0..a1, four rows per update of the accumulators (their loads and
+ * stores, not the arithmetic, bound this loop). */
+static inline void FBN(accumulate_rows)(const T *x, fbn_idx rs, fbn_idx cs, fbn_idx a0,
+                                        fbn_idx a1, fbn_idx L, const double *shift, double *p0,
+                                        double *p1)
+{
+    fbn_idx a = a0, j;
+    for (; a + 4 <= a1; a += 4) {
+        const T *r0 = x + a * rs, *r1 = r0 + rs, *r2 = r1 + rs, *r3 = r2 + rs;
+        if (cs == 1) {
+            #pragma omp simd
+            for (j = 0; j < L; j++) {
+                double k = shift[j];
+                double d0 = (double)r0[j] - k, d1 = (double)r1[j] - k;
+                double d2 = (double)r2[j] - k, d3 = (double)r3[j] - k;
+                p0[j] += (d0 + d1) + (d2 + d3);
+                p1[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+            }
+        } else {
+            for (j = 0; j < L; j++) {
+                double k = shift[j];
+                double d0 = (double)r0[j * cs] - k, d1 = (double)r1[j * cs] - k;
+                double d2 = (double)r2[j * cs] - k, d3 = (double)r3[j * cs] - k;
+                p0[j] += (d0 + d1) + (d2 + d3);
+                p1[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+            }
+        }
+    }
+    for (; a < a1; a++) {
+        const T *r = x + a * rs;
+        #pragma omp simd
+        for (j = 0; j < L; j++) {
+            double d = (double)r[j * cs] - shift[j];
+            p0[j] += d;
+            p1[j] += d * d;
+        }
+    }
+}
+
+/* Per column of rows a0..a1: sum(x - shift), sum(dy), sum(dy * (x - shift)), two rows per
+ * update. */
+static inline void FBN(accumulate_backward_rows)(const T *dy, fbn_idx drs, fbn_idx dcs,
+                                                 const T *x, fbn_idx rs, fbn_idx cs, fbn_idx a0,
+                                                 fbn_idx a1, fbn_idx L, const double *shift,
+                                                 double *p0, double *p1, double *p2)
+{
+    fbn_idx a = a0, j;
+    for (; a + 2 <= a1; a += 2) {
+        const T *x0 = x + a * rs, *x1 = x0 + rs, *g0r = dy + a * drs, *g1r = g0r + drs;
+        if (cs == 1 && dcs == 1) {
+            #pragma omp simd
+            for (j = 0; j < L; j++) {
+                double k = shift[j];
+                double d0 = (double)x0[j] - k, d1 = (double)x1[j] - k;
+                double g0 = (double)g0r[j], g1 = (double)g1r[j];
+                p0[j] += d0 + d1;
+                p1[j] += g0 + g1;
+                p2[j] += g0 * d0 + g1 * d1;
+            }
+        } else {
+            for (j = 0; j < L; j++) {
+                double k = shift[j];
+                double d0 = (double)x0[j * cs] - k, d1 = (double)x1[j * cs] - k;
+                double g0 = (double)g0r[j * dcs], g1 = (double)g1r[j * dcs];
+                p0[j] += d0 + d1;
+                p1[j] += g0 + g1;
+                p2[j] += g0 * d0 + g1 * d1;
+            }
+        }
+    }
+    for (; a < a1; a++) {
+        const T *xr = x + a * rs, *gr = dy + a * drs;
+        #pragma omp simd
+        for (j = 0; j < L; j++) {
+            double d = (double)xr[j * cs] - shift[j];
+            double g = (double)gr[j * dcs];
+            p0[j] += d;
+            p1[j] += g;
+            p2[j] += g * d;
+        }
+    }
+}
+
+static inline void FBN(normalize_rows)(const T *x, fbn_idx rs, fbn_idx cs, T *y, fbn_idx yrs,
+                                       fbn_idx ycs, fbn_idx a0, fbn_idx a1, fbn_idx L,
+                                       const T *coef, int relu)
+{
+    const T *c0 = coef, *c1 = coef + L, *c2 = coef + 2 * L, *c3 = coef + 3 * L;
+    fbn_idx a, j;
+    for (a = a0; a < a1; a++) {
+        const T *xr = x + a * rs;
+        T *yr = y + a * yrs;
+        if (cs == 1 && ycs == 1) {
+            if (relu) {
+                #pragma omp simd
+                for (j = 0; j < L; j++)
+                    yr[j] = FBN(relu)(FBN(bn_value)(xr[j], c0[j], c1[j], c2[j], c3[j]));
+            } else {
+                #pragma omp simd
+                for (j = 0; j < L; j++)
+                    yr[j] = FBN(bn_value)(xr[j], c0[j], c1[j], c2[j], c3[j]);
+            }
+        } else {
+            for (j = 0; j < L; j++) {
+                T z = FBN(bn_value)(xr[j * cs], c0[j], c1[j], c2[j], c3[j]);
+                yr[j * ycs] = relu ? FBN(relu)(z) : z;
+            }
+        }
+    }
+}
+
+static inline void FBN(dx_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, const T *x, fbn_idx rs,
+                                fbn_idx cs, T *dx, fbn_idx ors, fbn_idx ocs, fbn_idx a0,
+                                fbn_idx a1, fbn_idx L, const T *coef)
+{
+    const T *c0 = coef, *c1 = coef + L, *c2 = coef + 2 * L, *c3 = coef + 3 * L,
+            *c4 = coef + 4 * L;
+    fbn_idx a, j;
+    for (a = a0; a < a1; a++) {
+        const T *gr = dy + a * drs, *xr = x + a * rs;
+        T *o = dx + a * ors;
+        if (cs == 1 && dcs == 1 && ocs == 1) {
+            #pragma omp simd
+            for (j = 0; j < L; j++)
+                o[j] = (gr[j] + (xr[j] * c0[j] - c1[j]) * c3[j] + c4[j]) * c2[j];
+        } else {
+            for (j = 0; j < L; j++)
+                o[j * ocs] = (gr[j * dcs] + (xr[j * cs] * c0[j] - c1[j]) * c3[j] + c4[j]) * c2[j];
+        }
+    }
+}
+
+static inline void FBN(scale_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, T *dx, fbn_idx ors,
+                                   fbn_idx ocs, fbn_idx a0, fbn_idx a1, fbn_idx L, const T *k)
+{
+    fbn_idx a, j;
+    for (a = a0; a < a1; a++) {
+        const T *gr = dy + a * drs;
+        T *o = dx + a * ors;
+        if (dcs == 1 && ocs == 1) {
+            #pragma omp simd
+            for (j = 0; j < L; j++)
+                o[j] = gr[j] * k[j];
+        } else {
+            for (j = 0; j < L; j++)
+                o[j * ocs] = gr[j * dcs] * k[j];
+        }
+    }
+}
+
+static inline void FBN(relu_sums_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, const T *x,
+                                       fbn_idx rs, fbn_idx cs, fbn_idx a0, fbn_idx a1,
+                                       fbn_idx L, const double *shift, const T *fcoef,
+                                       double *p0, double *p1)
+{
+    const T *c0 = fcoef, *c1 = fcoef + L, *c2 = fcoef + 2 * L, *c3 = fcoef + 3 * L;
+    fbn_idx a, j;
+    for (a = a0; a < a1; a++) {
+        const T *xr = x + a * rs, *gr = dy + a * drs;
+        #pragma omp simd
+        for (j = 0; j < L; j++) {
+            T v = xr[j * cs];
+            double g = FBN(bn_value)(v, c0[j], c1[j], c2[j], c3[j]) > (T)0
+                       ? (double)gr[j * dcs] : 0.0;
+            p0[j] += g;
+            p1[j] += g * ((double)v - shift[j]);
+        }
+    }
+}
+
+static inline void FBN(relu_dx_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, const T *x,
+                                     fbn_idx rs, fbn_idx cs, T *dx, fbn_idx ors, fbn_idx ocs,
+                                     fbn_idx a0, fbn_idx a1, fbn_idx L, const T *coef,
+                                     const T *fcoef, int training)
+{
+    fbn_idx a, j;
+    for (a = a0; a < a1; a++) {
+        const T *xr = x + a * rs, *gr = dy + a * drs;
+        T *o = dx + a * ors;
+        for (j = 0; j < L; j++) {
+            T v = xr[j * cs];
+            T g = gr[j * dcs];
+            if (!(FBN(bn_value)(v, fcoef[j], fcoef[L + j], fcoef[2 * L + j], fcoef[3 * L + j])
+                  > (T)0))
+                g = g * (T)0;
+            T z = training ? (g + (v * coef[j] - coef[L + j]) * coef[3 * L + j] + coef[4 * L + j])
+                             * coef[2 * L + j]
+                           : g * coef[2 * L + j];
+            o[j * ocs] = z;
+        }
+    }
+}
+
+#undef T
