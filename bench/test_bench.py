@@ -6,7 +6,7 @@ memory copy of the same bytes, PyTorch's kernel and the NumPy reference.
 """
 import pytest
 
-from fastbn.bench import CASES, Workload
+from fastbn.bench import CASES, Workload, compiled_backends
 
 CASE_IDS = [c.name.replace(" ", "-") for c in CASES]
 
@@ -22,9 +22,10 @@ def _run(benchmark, work, op, fn):
     benchmark(fn)
 
 
+@pytest.mark.parametrize("backend", compiled_backends())
 @pytest.mark.parametrize("op", ["forward", "eval", "backward"])
-def test_fastbn(benchmark, work, op):
-    _run(benchmark, work, op, work.fastbn()[op])
+def test_fastbn(benchmark, work, op, backend):
+    _run(benchmark, work, op, work.fastbn(backend=backend)[op])
 
 
 @pytest.mark.parametrize("op", ["forward", "eval", "backward"])

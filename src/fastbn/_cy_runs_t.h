@@ -20,7 +20,7 @@ static inline T FBN(relu)(T z)
 /* --- runs of one feature (feature-outer family) ------------------------------------------- */
 
 /* out = sum(x - shift), sum((x - shift)^2) over the run. */
-static inline void FBN(shifted_sums)(const T *x, fbn_idx n, fbn_idx st, double shift,
+FBN_LOOP void FBN(shifted_sums)(const T *x, fbn_idx n, fbn_idx st, double shift,
                                      double *out)
 {
     double s1 = 0.0, s2 = 0.0;
@@ -44,7 +44,7 @@ static inline void FBN(shifted_sums)(const T *x, fbn_idx n, fbn_idx st, double s
 }
 
 /* out = sum(x - shift), sum(dy), sum(dy * (x - shift)) over the run. */
-static inline void FBN(backward_sums)(const T *dy, fbn_idx sdy, const T *x, fbn_idx sx,
+FBN_LOOP void FBN(backward_sums)(const T *dy, fbn_idx sdy, const T *x, fbn_idx sx,
                                       fbn_idx n, double shift, double *out)
 {
     double a0 = 0.0, a1 = 0.0, a2 = 0.0;
@@ -72,7 +72,7 @@ static inline void FBN(backward_sums)(const T *dy, fbn_idx sdy, const T *x, fbn_
     out[2] = a2;
 }
 
-static inline void FBN(normalize_run)(const T *x, fbn_idx sx, T *y, fbn_idx sy, fbn_idx n,
+FBN_LOOP void FBN(normalize_run)(const T *x, fbn_idx sx, T *y, fbn_idx sy, fbn_idx n,
                                       T s, T hi, T scale, T shift, int relu)
 {
     fbn_idx b;
@@ -95,7 +95,7 @@ static inline void FBN(normalize_run)(const T *x, fbn_idx sx, T *y, fbn_idx sy, 
 }
 
 /* dx = (dy + (x * s - hi) * u1 + u2) * k */
-static inline void FBN(dx_run)(const T *dy, fbn_idx sdy, const T *x, fbn_idx sx, T *dx,
+FBN_LOOP void FBN(dx_run)(const T *dy, fbn_idx sdy, const T *x, fbn_idx sx, T *dx,
                                fbn_idx sdx, fbn_idx n, T s, T hi, T k, T u1, T u2)
 {
     fbn_idx b;
@@ -109,7 +109,7 @@ static inline void FBN(dx_run)(const T *dy, fbn_idx sdy, const T *x, fbn_idx sx,
     }
 }
 
-static inline void FBN(scale_run)(const T *dy, fbn_idx sdy, T *dx, fbn_idx sdx, fbn_idx n, T k)
+FBN_LOOP void FBN(scale_run)(const T *dy, fbn_idx sdy, T *dx, fbn_idx sdx, fbn_idx n, T k)
 {
     fbn_idx b;
     if (sdy == 1 && sdx == 1) {
@@ -123,7 +123,7 @@ static inline void FBN(scale_run)(const T *dy, fbn_idx sdy, T *dx, fbn_idx sdx, 
 }
 
 /* out = sum(g), sum(g * (x - shift)) with g = dy where the forward's output was > 0. */
-static inline void FBN(relu_sums_run)(const T *dy, fbn_idx sdy, const T *x, fbn_idx sx,
+FBN_LOOP void FBN(relu_sums_run)(const T *dy, fbn_idx sdy, const T *x, fbn_idx sx,
                                       fbn_idx n, double shift, T s, T hi, T scale, T offset,
                                       double *out)
 {
@@ -150,7 +150,7 @@ static inline void FBN(relu_sums_run)(const T *dy, fbn_idx sdy, const T *x, fbn_
 }
 
 /* fc: the forward's s, hi, scale, offset (its mask); bc: the backward's s, hi, k, u1, u2. */
-static inline void FBN(relu_dx_run)(const T *dy, fbn_idx sdy, const T *x, fbn_idx sx, T *dx,
+FBN_LOOP void FBN(relu_dx_run)(const T *dy, fbn_idx sdy, const T *x, fbn_idx sx, T *dx,
                                     fbn_idx sdx, fbn_idx n, const T *fc, const T *bc,
                                     int training)
 {
@@ -170,7 +170,7 @@ static inline void FBN(relu_dx_run)(const T *dy, fbn_idx sdy, const T *x, fbn_id
 
 /* Shifted sums of rows a0..a1, four rows per update of the accumulators (their loads and
  * stores, not the arithmetic, bound this loop). */
-static inline void FBN(accumulate_rows)(const T *x, fbn_idx rs, fbn_idx cs, fbn_idx a0,
+FBN_LOOP void FBN(accumulate_rows)(const T *x, fbn_idx rs, fbn_idx cs, fbn_idx a0,
                                         fbn_idx a1, fbn_idx L, const double *shift, double *p0,
                                         double *p1)
 {
@@ -209,7 +209,7 @@ static inline void FBN(accumulate_rows)(const T *x, fbn_idx rs, fbn_idx cs, fbn_
 
 /* Per column of rows a0..a1: sum(x - shift), sum(dy), sum(dy * (x - shift)), two rows per
  * update. */
-static inline void FBN(accumulate_backward_rows)(const T *dy, fbn_idx drs, fbn_idx dcs,
+FBN_LOOP void FBN(accumulate_backward_rows)(const T *dy, fbn_idx drs, fbn_idx dcs,
                                                  const T *x, fbn_idx rs, fbn_idx cs, fbn_idx a0,
                                                  fbn_idx a1, fbn_idx L, const double *shift,
                                                  double *p0, double *p1, double *p2)
@@ -251,7 +251,7 @@ static inline void FBN(accumulate_backward_rows)(const T *dy, fbn_idx drs, fbn_i
     }
 }
 
-static inline void FBN(normalize_rows)(const T *x, fbn_idx rs, fbn_idx cs, T *y, fbn_idx yrs,
+FBN_LOOP void FBN(normalize_rows)(const T *x, fbn_idx rs, fbn_idx cs, T *y, fbn_idx yrs,
                                        fbn_idx ycs, fbn_idx a0, fbn_idx a1, fbn_idx L,
                                        const T *coef, int relu)
 {
@@ -279,7 +279,7 @@ static inline void FBN(normalize_rows)(const T *x, fbn_idx rs, fbn_idx cs, T *y,
     }
 }
 
-static inline void FBN(dx_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, const T *x, fbn_idx rs,
+FBN_LOOP void FBN(dx_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, const T *x, fbn_idx rs,
                                 fbn_idx cs, T *dx, fbn_idx ors, fbn_idx ocs, fbn_idx a0,
                                 fbn_idx a1, fbn_idx L, const T *coef)
 {
@@ -300,7 +300,7 @@ static inline void FBN(dx_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, const T *
     }
 }
 
-static inline void FBN(scale_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, T *dx, fbn_idx ors,
+FBN_LOOP void FBN(scale_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, T *dx, fbn_idx ors,
                                    fbn_idx ocs, fbn_idx a0, fbn_idx a1, fbn_idx L, const T *k)
 {
     fbn_idx a, j;
@@ -318,7 +318,7 @@ static inline void FBN(scale_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, T *dx,
     }
 }
 
-static inline void FBN(relu_sums_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, const T *x,
+FBN_LOOP void FBN(relu_sums_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, const T *x,
                                        fbn_idx rs, fbn_idx cs, fbn_idx a0, fbn_idx a1,
                                        fbn_idx L, const double *shift, const T *fcoef,
                                        double *p0, double *p1)
@@ -338,7 +338,7 @@ static inline void FBN(relu_sums_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, co
     }
 }
 
-static inline void FBN(relu_dx_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, const T *x,
+FBN_LOOP void FBN(relu_dx_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, const T *x,
                                      fbn_idx rs, fbn_idx cs, T *dx, fbn_idx ors, fbn_idx ocs,
                                      fbn_idx a0, fbn_idx a1, fbn_idx L, const T *coef,
                                      const T *fcoef, int training)

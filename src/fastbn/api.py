@@ -1,12 +1,31 @@
 """The public functions: signatures and documentation, nothing else.
 
 Checks live in :mod:`fastbn._validate`, backend choice and layouts in :mod:`fastbn._dispatch`,
-loops in :mod:`fastbn._numba_kernels`, the NumPy twin in :mod:`fastbn.reference`.
+loops in :mod:`fastbn._numba_kernels` (and ``fastbn/_cy_kernels.pyx``, the optional compiled
+twin), the NumPy twin in :mod:`fastbn.reference`.
 """
 from . import _dispatch
 from ._validate import backward_args, forward_args
 
-available_backends = _dispatch.available_backends
+
+def available_backends():
+    """Names of the backends that can run here, the default first.
+
+    ``"numba"`` (Numba installed), ``"cython"`` (the optional extension was built at install
+    time and loads), and always ``"reference"`` (plain NumPy, float64 inside). Any of them can
+    be passed as ``backend=`` or set as ``$FASTBN_BACKEND``; all give the same results to
+    within rounding (see the README for how they compare in speed).
+
+    Examples
+    --------
+    >>> import fastbn
+    >>> names = fastbn.available_backends()
+    >>> names[-1]
+    'reference'
+    >>> set(names) <= {"numba", "cython", "reference"}
+    True
+    """
+    return _dispatch.available_backends()
 
 
 def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=None,
@@ -48,8 +67,9 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
     out : ndarray, optional
         Where to write y: x's shape and dtype, writable; may be ``x`` itself (in place), but
         must not partly overlap it. Returned as that very object.
-    backend : {None, "numba", "reference"}
-        None takes ``$FASTBN_BACKEND`` if set, else the fastest available.
+    backend : {None, "numba", "cython", "reference"}
+        None takes ``$FASTBN_BACKEND`` if set, else the default (the first of
+        :func:`available_backends`). "cython" needs the optional compiled extension.
 
     Returns
     -------
@@ -156,11 +176,13 @@ def backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, training=Tru
 def set_num_threads(n):
     """Set how many threads fastbn's kernels use.
 
-    One process-wide count, applied to calls from every Python thread (Numba's own
-    ``numba.set_num_threads`` is per calling thread; fastbn applies its count around each
-    parallel launch and restores the caller's). The starting value is ``$FASTBN_NUM_THREADS``
-    if set, else every thread of Numba's pool (``NUMBA_NUM_THREADS``). With 1, kernels run
-    serially. Results do not depend on the count, bit for bit.
+    One process-wide count, for both compiled backends and calls from every Python thread
+    (Numba's own ``numba.set_num_threads`` is per calling thread; fastbn applies its count
+    around each parallel launch and restores the caller's; the Cython kernels pass it to
+    OpenMP as ``num_threads``, so ``OMP_NUM_THREADS`` does not apply). The starting value is
+    ``$FASTBN_NUM_THREADS`` if set, else ``NUMBA_NUM_THREADS`` (by default every CPU this
+    process may run on). With 1, kernels run serially. Results do not depend on the count,
+    bit for bit.
 
     Parameters
     ----------

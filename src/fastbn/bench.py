@@ -2,8 +2,9 @@
 
 Run ``python -m fastbn.bench`` (``--help`` for options). Every figure is the median of several
 timed samples taken in this one process, after a warm-up call outside the timed region. The
-contenders of a row (copy, fastbn, PyTorch, reference) are timed in interleaved rounds, so the
-ratios between them, all from one run, survive the machine's drifts. See bench/README.md.
+contenders of a row (copy, each fastbn backend, PyTorch, reference) are timed in interleaved
+rounds, so the ratios between them, all from one run, survive the machine's drifts. See
+bench/README.md.
 
 The case table below is the one source of benchmark cases: bench/test_bench.py (the
 pytest-benchmark suites) generates its tests from it too.
@@ -182,12 +183,22 @@ def _torch_available():
     return True
 
 
-def run(cases, thread_counts, samples, with_reference=True, with_torch=True, log=None):
-    """Time every case at every thread count; returns a list of row dicts."""
+def compiled_backends():
+    """fastbn's compiled backends available here ("numba", and "cython" where it was built)."""
+    import fastbn
+
+    return [b for b in fastbn.available_backends() if b != "reference"]
+
+
+def run(cases, thread_counts, samples, with_reference=True, with_torch=True, log=None,
+        backends=None):
+    """Time every case at every thread count; returns a list of row dicts, with each
+    backend's times under "<backend>_forward", "<backend>_eval", "<backend>_backward"."""
     import numba
 
     import fastbn
 
+    backends = backends or compiled_backends()
     rows = []
     with_torch = with_torch and _torch_available()
     if with_torch:
@@ -206,14 +217,18 @@ def run(cases, thread_counts, samples, with_reference=True, with_torch=True, log
                 numba.set_num_threads(threads)  # the copy yardstick runs on Numba directly
                 if with_torch:
                     torch.set_num_threads(threads)
-                fns = {"copy": work.copy(), **work.fastbn()}
+                fns = {"copy": work.copy()}
+                for backend in backends:
+                    fns.update({f"{backend}_{op}": fn for op, fn in
+                                work.fastbn(backend=backend).items()})
                 if with_torch:
                     fns.update({"torch_" + op: fn for op, fn in work.torch().items()})
                 if with_reference and threads == thread_counts[-1]:
                     fns.update({"reference_" + op: fn for op, fn in
                                 work.fastbn(backend="reference").items() if op != "eval"})
                 row = {"case": case.name, "shape": list(case.shape), "axis": case.axis,
-                       "dtype": case.dtype, "MB": 2 * case.nbytes / 1e6, "threads": threads}
+                       "dtype": case.dtype, "MB": 2 * case.nbytes / 1e6, "threads": threads,
+                       "backends": list(backends)}
                 row.update(interleaved_medians(fns, samples))
                 rows.append(row)
                 if log:
@@ -224,42 +239,47 @@ def run(cases, thread_counts, samples, with_reference=True, with_torch=True, log
     return rows
 
 
-def ratios(row):
-    """The ratios of one row: against the copy (the bandwidth floor), PyTorch and the reference.
-    Backward moves three arrays where the copy moves two, hence its 1.5 x copy yardstick."""
-    r = {"fwd/copy": row["forward"] / row["copy"],
-         "eval/copy": row["eval"] / row["copy"],
-         "bwd/(1.5copy)": row["backward"] / (1.5 * row["copy"])}
+def ratios(row, backend=None):
+    """The ratios of one row for one backend (default: the row's first): against the copy (the
+    bandwidth floor), PyTorch and the reference. Backward moves three arrays where the copy
+    moves two, hence its 1.5 x copy yardstick."""
+    backend = backend or row["backends"][0]
+    t = {op: row[f"{backend}_{op}"] for op in ("forward", "eval", "backward")}
+    r = {"fwd/copy": t["forward"] / row["copy"],
+         "eval/copy": t["eval"] / row["copy"],
+         "bwd/(1.5copy)": t["backward"] / (1.5 * row["copy"])}
     for op in ("forward", "eval", "backward"):
         if "torch_" + op in row:
-            r[f"torch/{op}"] = row["torch_" + op] / row[op]
+            r[f"torch/{op}"] = row["torch_" + op] / t[op]
     for op in ("forward", "backward"):
         if "reference_" + op in row:
-            r[f"ref/{op}"] = row["reference_" + op] / row[op]
+            r[f"ref/{op}"] = row["reference_" + op] / t[op]
     return r
 
 
 def format_table(rows):
     """A Markdown table: times in ms, then ratios (x copy: lower is better, 1.0 is the floor;
     speedups over torch and the reference: higher is better)."""
-    header = ["case", "thr", "MB moved", "copy ms", "fwd ms", "eval ms", "bwd ms",
+    header = ["case", "thr", "backend", "MB moved", "copy ms", "fwd ms", "eval ms", "bwd ms",
               "fwd/copy", "eval/copy", "bwd/1.5copy", "torch fwd ms", "torch bwd ms",
               "fwd vs torch", "eval vs torch", "bwd vs torch", "fwd vs ref", "bwd vs ref"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        r = ratios(row)
+        for backend in row["backends"]:
+            r = ratios(row, backend)
 
-        def ms(key):
-            return f"{row[key] * 1e3:.3f}" if key in row else "-"
+            def ms(key):
+                return f"{row[key] * 1e3:.3f}" if key in row else "-"
 
-        def x(key):
-            return f"{r[key]:.2f}x" if key in r else "-"
+            def x(key):
+                return f"{r[key]:.2f}x" if key in r else "-"
 
-        cells = [row["case"], str(row["threads"]), f"{row['MB']:.1f}", ms("copy"), ms("forward"),
-                 ms("eval"), ms("backward"), x("fwd/copy"), x("eval/copy"), x("bwd/(1.5copy)"),
-                 ms("torch_forward"), ms("torch_backward"), x("torch/forward"), x("torch/eval"),
-                 x("torch/backward"), x("ref/forward"), x("ref/backward")]
-        lines.append("| " + " | ".join(cells) + " |")
+            cells = [row["case"], str(row["threads"]), backend, f"{row['MB']:.1f}", ms("copy"),
+                     ms(f"{backend}_forward"), ms(f"{backend}_eval"), ms(f"{backend}_backward"),
+                     x("fwd/copy"), x("eval/copy"), x("bwd/(1.5copy)"), ms("torch_forward"),
+                     ms("torch_backward"), x("torch/forward"), x("torch/eval"),
+                     x("torch/backward"), x("ref/forward"), x("ref/backward")]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -315,7 +335,7 @@ def format_train_step(times, label):
 
 _FIRST_CALL = """
 import time
-t0 = time.perf_counter()
+t0 = time.perf_counter()  # the backend comes from FASTBN_BACKEND
 import fastbn
 t1 = time.perf_counter()
 import numpy as np
@@ -327,9 +347,10 @@ print(t1 - t0, t2 - t1)
 """
 
 
-def cold_start(log=None):
+def cold_start(log=None, backends=None):
     """Seconds for: importing fastbn; the first forward+backward (float32 NCHW) in a new process
-    with a warm and with a cold (empty) on-disk cache; and precompiling every kernel cold."""
+    with a warm and with a cold (empty) on-disk cache, per backend (the Cython kernels are
+    compiled ahead: no cache); and precompiling every Numba kernel cold."""
     import subprocess
     import tempfile
 
@@ -339,19 +360,25 @@ def cold_start(log=None):
         return [float(v) for v in out.split()[-2:]]
 
     result = {}
+    backends = backends or compiled_backends()
     with tempfile.TemporaryDirectory() as cache:
-        cold_env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-        imp, first_cold = child(_FIRST_CALL, cold_env)
-        result["first call, cold cache"] = first_cold
-        imp, first_warm = child(_FIRST_CALL, cold_env)
-        result["import fastbn"] = imp
-        result["first call, warm cache"] = first_warm
+        for backend in backends:
+            env = dict(os.environ, NUMBA_CACHE_DIR=cache, FASTBN_BACKEND=backend)
+            _, first_cold = child(_FIRST_CALL, env)
+            imp, first_warm = child(_FIRST_CALL, env)
+            result["import fastbn"] = imp
+            if backend == "numba":
+                result["numba: first call, cold cache"] = first_cold
+                result["numba: first call, warm cache"] = first_warm
+            else:
+                result[f"{backend}: first call"] = first_warm
         if log:
             log("  timed first calls")
     with tempfile.TemporaryDirectory() as cache:
         code = ("import time; t = time.perf_counter(); from fastbn.precompile import precompile; "
                 "precompile(); print(0, time.perf_counter() - t)")
-        result["every kernel, cold cache"] = child(code, dict(os.environ, NUMBA_CACHE_DIR=cache))[1]
+        result["numba: every kernel, cold cache"] = child(
+            code, dict(os.environ, NUMBA_CACHE_DIR=cache))[1]
     return result
 
 
@@ -385,7 +412,9 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['case']}\n{r['threads']} thr" for r in rows]
+    # one bar group per (row, backend)
+    rows = [dict(r, backends=[b]) for r in rows for b in r["backends"]]
+    labels = [f"{r['case']}\n{r['threads']} thr {r['backends'][0]}" for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(8, 1.4 * len(rows)), 8))
     keys = [("fwd/copy", "forward"), ("eval/copy", "eval"), ("bwd/(1.5copy)", "backward")]
     width = 0.8 / len(keys)
@@ -416,6 +445,8 @@ def main(argv=None):
     parser.add_argument("--cases", help="comma-separated substrings of case names to keep")
     parser.add_argument("--threads", help="comma-separated thread counts (default: 1 and all)")
     parser.add_argument("--samples", type=int, help="timed samples per figure (default 15)")
+    parser.add_argument("--backends", help="comma-separated compiled backends (default: all "
+                        "available, " + ", ".join(compiled_backends()) + " here)")
     parser.add_argument("--no-reference", action="store_true", help="skip the NumPy reference")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     parser.add_argument("--json", metavar="PATH", help="also save rows and environment as JSON")
@@ -440,8 +471,9 @@ def main(argv=None):
         print(msg, file=sys.stderr, flush=True)
 
     log(f"fastbn bench: {len(cases)} case(s), threads {threads}, {samples} samples each")
+    backends = opts.backends.split(",") if opts.backends else compiled_backends()
     rows = run(cases, threads, samples, with_reference=not opts.no_reference,
-               with_torch=not opts.no_torch, log=log)
+               with_torch=not opts.no_torch, log=log, backends=backends)
     env = environment()
     print(f"\nfastbn benchmark ({env['cpus']} CPUs, numba {env['numba']} "
           f"[{env['threading_layer']}], torch {env.get('torch', 'absent')}, "
@@ -461,7 +493,7 @@ def main(argv=None):
                                     f"{fastbn_threads()} threads"))
     cold = None
     if opts.cold_start:
-        cold = cold_start(log)
+        cold = cold_start(log, backends)
         print("\n| cold start (new process) | seconds |\n|---|---|")
         for what, seconds in cold.items():
             print(f"| {what} | {seconds:.2f} |")
@@ -469,7 +501,8 @@ def main(argv=None):
         with open(opts.json, "w") as fh:
             json.dump({"environment": env, "rows": rows, "cold_start": cold,
                        "train_step": steps,
-                       "ratios": [ratios(r) for r in rows]}, fh, indent=1)
+                       "ratios": [{b: ratios(r, b) for b in r["backends"]} for r in rows]},
+                      fh, indent=1)
         log(f"saved {opts.json}")
     if opts.plot:
         plot(rows, opts.plot)
