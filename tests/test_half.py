@@ -110,3 +110,31 @@ def test_conversion_kernels_match_numpy_bit_for_bit(name, backend):
 def test_strided_half_input(name):
     x = make_x((8, 4, 6, 6), HALVES[name])[:, :, ::2]
     close(fastbn.forward(x).y, fastbn.reference.forward(x).y, name, 4)
+
+
+@pytest.mark.parametrize("name", HALVES)
+def test_conversion_kernels_on_every_half_and_random_float_bits(name, backend):
+    """Every one of the 65,536 half bit patterns to float32, and 2**21 random float32 bit
+    patterns (all exponents, NaN payloads, subnormals) to half, against NumPy's casts."""
+    from fastbn import _dispatch
+
+    dtype = HALVES[name]
+    halves = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(dtype)
+    wide = np.empty(halves.shape, np.float32)
+    _dispatch._convert(halves, wide, backend)
+    # Exact bits, except that a signaling NaN may come back quiet (x86's hardware conversion,
+    # which Numba uses, sets the quiet bit; NumPy and the Cython loops keep it as it is).
+    expected_wide = halves.astype(np.float32).view(np.uint32)
+    quiet = np.where(np.isnan(halves.astype(np.float32)), np.uint32(0x400000), np.uint32(0))
+    np.testing.assert_array_equal(wide.view(np.uint32) | quiet, expected_wide | quiet)
+    bits = np.random.default_rng(5).integers(0, 2**32, 2**21, dtype=np.uint64)
+    floats = bits.astype(np.uint32).view(np.float32)
+    floats = floats[~np.isnan(floats)] if name == "bfloat16" else floats
+    narrow = np.empty(floats.shape, dtype)
+    _dispatch._convert(floats, narrow, backend)
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = floats.astype(dtype)
+    nan = np.isnan(floats)  # NaN stays NaN of the same sign; its payload may be quieted
+    np.testing.assert_array_equal(narrow[~nan].view(np.uint16), expected[~nan].view(np.uint16))
+    assert np.isnan(narrow[nan].astype(np.float32)).all()
+    np.testing.assert_array_equal(np.signbit(narrow[nan]), np.signbit(floats[nan]))

@@ -31,6 +31,9 @@ cnp.import_array()
 
 cdef extern from "_cy_runs.h" nogil:
     ctypedef Py_ssize_t fbn_idx
+    ctypedef unsigned short uint16_t
+    void fbn_half_to_float_run(const uint16_t *src, float *dst, fbn_idx n, int brain)
+    void fbn_float_to_half_run(const float *src, uint16_t *dst, fbn_idx n, int brain)
     void shifted_sums_f(const float *x, fbn_idx n, fbn_idx st, double shift, double *out)
     void shifted_sums_d(const double *x, fbn_idx n, fbn_idx st, double shift, double *out)
     void backward_sums_f(const float *dy, fbn_idx sdy, const float *x, fbn_idx sx, fbn_idx n,
@@ -1002,3 +1005,60 @@ def update_running_stats(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.
     else:
         _update_running(<double *> mv.data, mv.s0, <double *> vv.data, vv.s0, _f64(stats),
                         mv.n0, momentum, <double> m)
+
+
+# --- half precision: float16/bfloat16 bit patterns (uint16 arrays) <-> float32, 1-D dense -------
+
+cdef void _convert_block(const void *src, void *dst, Py_ssize_t n, bint to_float, bint brain,
+                         Py_ssize_t t, Py_ssize_t blocks) noexcept nogil:
+    cdef Py_ssize_t i0 = _row0(t, n, blocks), i1 = _row0(t + 1, n, blocks)
+    if to_float:
+        fbn_half_to_float_run(<const uint16_t *> src + i0, <float *> dst + i0, i1 - i0, brain)
+    else:
+        fbn_float_to_half_run(<const float *> src + i0, <uint16_t *> dst + i0, i1 - i0, brain)
+
+
+cdef void _convert(const void *src, void *dst, Py_ssize_t n, bint to_float, bint brain,
+                   int threads) noexcept nogil:
+    cdef Py_ssize_t t
+    if threads == 1:
+        _convert_block(src, dst, n, to_float, brain, 0, 1)
+    else:
+        for t in prange(threads, nogil=True, schedule="static", num_threads=threads):
+            _convert_block(src, dst, n, to_float, brain, t, threads)
+
+
+def float16_to_float32(int threads, cnp.ndarray src, cnp.ndarray dst):
+    """dst[i] = float32 of the float16 bit pattern src[i] (uint16), exactly."""
+    cdef void *s = _data(src)
+    cdef void *d = _data(dst)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(src)
+    with nogil:
+        _convert(s, d, n, True, False, threads)
+
+
+def bfloat16_to_float32(int threads, cnp.ndarray src, cnp.ndarray dst):
+    """dst[i] = float32 of the bfloat16 bit pattern src[i] (uint16), exactly."""
+    cdef void *s = _data(src)
+    cdef void *d = _data(dst)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(src)
+    with nogil:
+        _convert(s, d, n, True, True, threads)
+
+
+def float32_to_float16(int threads, cnp.ndarray src, cnp.ndarray dst):
+    """dst[i] = float16 bits of src[i], rounded to nearest even (NaN and overflow as NumPy)."""
+    cdef void *s = _data(src)
+    cdef void *d = _data(dst)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(src)
+    with nogil:
+        _convert(s, d, n, False, False, threads)
+
+
+def float32_to_bfloat16(int threads, cnp.ndarray src, cnp.ndarray dst):
+    """dst[i] = bfloat16 bits of src[i], rounded to nearest even, NaN kept quiet."""
+    cdef void *s = _data(src)
+    cdef void *d = _data(dst)
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(src)
+    with nogil:
+        _convert(s, d, n, False, True, threads)

@@ -47,4 +47,88 @@ typedef ptrdiff_t fbn_idx;
 #undef FBN_T
 #undef FBN_SUFFIX
 
+/* --- half-precision conversions (bit patterns in uint16), bit for bit as NumPy/ml_dtypes ---- */
+#include <stdint.h>
+#include <string.h>
+
+static inline float fbn_bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t fbn_f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* float16 -> float32, exact (F. Giesen's magic-number method: subnormals through one float
+ * subtraction, Inf/NaN keep their payload). */
+static inline float fbn_half_to_float(uint16_t h)
+{
+    const uint32_t shifted_exp = 0x7c00u << 13;
+    uint32_t o = ((uint32_t)h & 0x7fffu) << 13;
+    uint32_t exp = shifted_exp & o;
+    o += (uint32_t)(127 - 15) << 23;
+    if (exp == shifted_exp) {
+        o += (uint32_t)(128 - 16) << 23;  /* Inf/NaN */
+    } else if (exp == 0) {               /* zero or subnormal: renormalize */
+        o += 1u << 23;
+        o = fbn_f32_bits(fbn_bits_f32(o) - fbn_bits_f32(113u << 23));
+    }
+    return fbn_bits_f32(o | (((uint32_t)h & 0x8000u) << 16));
+}
+
+/* float32 -> float16, round to nearest even; NaN as NumPy converts it (top payload bits kept,
+ * never turned into Inf). */
+static inline uint16_t fbn_float_to_half(float f)
+{
+    uint32_t u = fbn_f32_bits(f);
+    uint32_t sign = (u & 0x80000000u) >> 16;
+    uint32_t a = u & 0x7fffffffu;
+    uint32_t o;
+    if (a > 0x7f800000u) {                        /* NaN */
+        o = 0x7c00u + ((a & 0x007fffffu) >> 13);
+        if (o == 0x7c00u)
+            o++;
+    } else if (a >= (uint32_t)(127 + 16) << 23) { /* beyond the largest half: Inf */
+        o = 0x7c00u;
+    } else if (a < 113u << 23) {                  /* subnormal half or zero */
+        const uint32_t magic = (uint32_t)((127 - 15) + (23 - 10) + 1) << 23;
+        o = fbn_f32_bits(fbn_bits_f32(a) + fbn_bits_f32(magic)) - magic;
+    } else {
+        uint32_t odd = (a >> 13) & 1u;
+        a += ((uint32_t)(15 - 127) << 23) + 0xfffu + odd;
+        o = a >> 13;
+    }
+    return (uint16_t)(o | sign);
+}
+
+/* bfloat16: the top half of a float32, rounded to nearest even; NaN kept, quiet. */
+static inline float fbn_bf16_to_float(uint16_t h) { return fbn_bits_f32((uint32_t)h << 16); }
+
+static inline uint16_t fbn_float_to_bf16(float f)
+{
+    uint32_t u = fbn_f32_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u)
+        return (uint16_t)((u >> 16) | 0x40u);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+FBN_LOOP void fbn_half_to_float_run(const uint16_t *src, float *dst, fbn_idx n, int brain)
+{
+    fbn_idx i;
+    if (brain) {
+        #pragma omp simd
+        for (i = 0; i < n; i++) dst[i] = fbn_bf16_to_float(src[i]);
+    } else {
+        #pragma omp simd
+        for (i = 0; i < n; i++) dst[i] = fbn_half_to_float(src[i]);
+    }
+}
+
+FBN_LOOP void fbn_float_to_half_run(const float *src, uint16_t *dst, fbn_idx n, int brain)
+{
+    fbn_idx i;
+    if (brain) {
+        #pragma omp simd
+        for (i = 0; i < n; i++) dst[i] = fbn_float_to_bf16(src[i]);
+    } else {
+        #pragma omp simd
+        for (i = 0; i < n; i++) dst[i] = fbn_float_to_half(src[i]);
+    }
+}
+
 #endif

@@ -63,39 +63,47 @@ def _import_cython():
 
 
 def available_backends():
-    """Names of the backends that can run here: the compiled ones, then "reference"."""
+    """Names of the backends that can run here: the compiled ones, the default first, then
+    "reference"."""
     global _available
     if _available is None:
         names = []
-        if importlib.util.find_spec("numba") is not None:
-            names.append("numba")
         if _import_cython() is not None:
             names.append("cython")
+        if importlib.util.find_spec("numba") is not None:
+            names.append("numba")
         names.append("reference")
         _available = tuple(names)
     return _available
 
 
-def resolve_backend(backend, nbytes=None):
-    """The backend to use: the argument, else $FASTBN_BACKEND, else the fastest available for
-    an x of ``nbytes`` bytes (see :func:`default_backend`)."""
+def resolve_backend(backend, dtype=None):
+    """The backend to use: the argument, else $FASTBN_BACKEND, else the default for x's dtype
+    (see :func:`default_backend`)."""
     if backend is None:
         backend = os.environ.get(BACKEND_ENV) or None
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV} must name a backend of {available_backends()}, "
                              f"got {backend!r}")
     if backend is None:
-        return default_backend(nbytes)
+        return default_backend(dtype)
     if backend not in available_backends():
         raise ValueError(f"backend {backend!r} is not available here; available: "
                          f"{available_backends()}")
     return backend
 
 
-def default_backend(nbytes=None):
-    """The fastest available backend, as measured by ``python -m fastbn.bench`` (see the
-    README): Numba, where it is installed, else Cython, else the reference."""
-    return available_backends()[0]
+def default_backend(dtype=None):
+    """The fastest available backend for x of this dtype, as ``python -m fastbn.bench``
+    measured it (README, "Backends"): Cython where it was built, on every float32 case at all
+    threads within the noise or ahead (0.9-1.0x Numba's time), and with no compile on first
+    call (0.05 s against 0.9 s); but Numba for float16, whose conversions use the CPU's F16C
+    instructions there (forward 8.3 ms against 10.4-13.1 ms on NCHW 32x64x56x56)."""
+    names = available_backends()
+    if names[0] == "cython" and dtype is not None and dtype.name == "float16" \
+            and "numba" in names:
+        return "numba"
+    return names[0]
 
 
 # --- the (A, C, B) view ------------------------------------------------------------------------
@@ -498,15 +506,15 @@ def _flat(arr):
 
 
 def _convert(src, dst, backend):
-    """dst[...] = src between a half dtype and float32, same shape and memory order: by the
-    Numba conversion kernels, or NumPy's cast (the Cython backend has none of its own)."""
+    """dst[...] = src between a half dtype and float32, same shape and memory order, by the
+    backend's parallel conversion kernels (NumPy's cast where the layout is not dense)."""
     s, d = _flat(src), _flat(dst)
-    if backend != "numba" or s is None or d is None or src.strides != tuple(
+    if s is None or d is None or not (s.flags.aligned and d.flags.aligned) or src.strides != tuple(
             st * src.itemsize // dst.itemsize for st in dst.strides):
         with np.errstate(over="ignore", invalid="ignore"):  # overflow to inf, as the kernels
             np.copyto(dst, src, casting="unsafe")
         return
-    K = _kernels("numba")
+    K = _kernels(backend)
     if src.dtype == np.float32:
         kern = K.float32_to_float16 if dst.dtype.name == "float16" else K.float32_to_bfloat16
         _launch(kern, d.nbytes, s, d.view(np.uint16))
@@ -540,7 +548,7 @@ def _via_float32(run, backend, args, *names):
 
 
 def forward(args):
-    backend = resolve_backend(args.backend, args.x.nbytes)
+    backend = resolve_backend(args.backend, args.x.dtype)
     if backend == "reference":
         return reference.forward_checked(args)
     if is_half(args.x.dtype):
@@ -549,7 +557,7 @@ def forward(args):
 
 
 def backward(args):
-    backend = resolve_backend(args.backend, args.x.nbytes)
+    backend = resolve_backend(args.backend, args.x.dtype)
     if backend == "reference":
         return reference.backward_checked(args)
     if is_half(args.x.dtype):
