@@ -372,6 +372,17 @@ def _prescale(mean, var):
 
 
 @njit(**_OPTIONS)
+def _prescale_of(mean, invstd):
+    """_prescale(mean, 1 / invstd**2), without its divisions and square root for ordinary
+    data (|mean| <= 2**64 and var <= 2**128 give 1 there too, exactly): they cost more than
+    the data of a small feature-inner call (NC 32x512)."""
+    q = invstd * invstd
+    if abs(mean) <= 2.0 ** 64 and q >= 2.0 ** -128:
+        return 1.0
+    return _prescale(mean, 1.0 / q)
+
+
+@njit(**_OPTIONS)
 def _store_stats(stats, coef, c, mean, var, invstd, weight, bias):
     """stats[:, c] = mean, var, invstd; coef[:, c] = s, mean_hi, scale, shift' with
     ``y = (x * s - mean_hi) * scale + shift'``. mean_hi is mean * s rounded to x's dtype; what
@@ -388,8 +399,10 @@ def _store_stats(stats, coef, c, mean, var, invstd, weight, bias):
 def _forward_coefs(coef, c, mean, invstd, weight, bias):
     """coef[:, c] from the mean (float64) and invstd as forward returns it (rounded to the
     statistics' dtype): the ReLU backward, which gets that invstd, rebuilds these exactly."""
-    s = _prescale(mean, 1.0 / (invstd * invstd))
-    scale = weight * invstd / s
+    s = _prescale_of(mean, invstd)
+    scale = weight * invstd
+    if s != 1.0:  # dividing by 1 changes nothing but costs a division per feature
+        scale = scale / s
     coef[0, c] = s
     coef[1, c] = mean * s
     coef[2, c] = scale
@@ -397,18 +410,19 @@ def _forward_coefs(coef, c, mean, invstd, weight, bias):
 
 
 @njit(**_OPTIONS)
-def _store_grads(grads, coef, c, mean, var, dgamma, dbeta, k, u1, u2):
+def _store_grads(grads, coef, c, mean, invstd, dgamma, dbeta, k, u1, u2):
     """grads[:, c] = dgamma, dbeta; coef[:, c] = s, mean_hi, k, u1 / s, u2' with
     ``dx = (dy + (x * s - mean_hi) * (u1 / s) + u2') * k``, mean_lo folded into u2' as in
     _store_stats."""
     grads[0, c] = dgamma
     grads[1, c] = dbeta
-    s = _prescale(mean, var)
+    s = _prescale_of(mean, invstd)
     coef[0, c] = s
     coef[1, c] = mean * s
     coef[2, c] = k
-    coef[3, c] = u1 / s
-    coef[4, c] = u2 - (mean * s - coef[1, c]) * (u1 / s)
+    u1s = u1 if s == 1.0 else u1 / s
+    coef[3, c] = u1s
+    coef[4, c] = u2 - (mean * s - coef[1, c]) * u1s
 
 
 @njit(**_OPTIONS)
@@ -524,7 +538,7 @@ def backward_outer(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, training, gr
                 mean = _refined_mean(mean, mean_ulp[c], shift, sums[0, i], m)
             dgamma, k, u1, u2 = _grad_terms(sums[1, i], sums[2, i], shift, m, mean,
                                             invstd_in[c], weight[c], training)
-            _store_grads(grads, coef, c, mean, 1.0 / (invstd_in[c] * invstd_in[c]), dgamma,
+            _store_grads(grads, coef, c, mean, invstd_in[c], dgamma,
                          sums[1, i], k, u1, u2)
         for a in range(A):
             for c in range(c0, c1):
@@ -553,7 +567,7 @@ def backward_inner(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, training, gr
             mean = _refined_mean(mean, mean_ulp[c], shift[c * B], sums[0, c], m)
         dgamma, k, u1, u2 = _grad_terms(sums[1, c], sums[2, c], shift[c * B], m, mean,
                                         invstd_in[c], weight[c], training)
-        _store_grads(grads, coef, c, mean, 1.0 / (invstd_in[c] * invstd_in[c]), dgamma,
+        _store_grads(grads, coef, c, mean, invstd_in[c], dgamma,
                      sums[1, c], k, u1, u2)
     tile_columns(coef, C, B)
     for t in prange(nchunks):
@@ -655,7 +669,7 @@ def backward_relu_outer(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, bias, t
             sdyx += r2
         dgamma, k, u1, u2 = _grad_terms(sdy, sdyx, shift, m, mean, invstd_in[c], weight[c],
                                         training)
-        _store_grads(grads, coef, c, mean, 1.0 / (invstd_in[c] * invstd_in[c]), dgamma, sdy,
+        _store_grads(grads, coef, c, mean, invstd_in[c], dgamma, sdy,
                      k, u1, u2)
         for a in range(A):
             _relu_dx_run(dy, x, dx, a, c, coef, fcoef, training)
@@ -690,7 +704,7 @@ def backward_relu_inner(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, bias, t
         mean = grads[0, c]
         dgamma, k, u1, u2 = _grad_terms(gsums[0, c], gsums[1, c], shift[c * B], m, mean,
                                         invstd_in[c], weight[c], training)
-        _store_grads(grads, coef, c, mean, 1.0 / (invstd_in[c] * invstd_in[c]), dgamma,
+        _store_grads(grads, coef, c, mean, invstd_in[c], dgamma,
                      gsums[0, c], k, u1, u2)
     tile_columns(coef, C, B)
     for t in prange(nchunks):
