@@ -127,6 +127,34 @@ def test_import_does_not_load_numba_or_torch():
     assert out == ["False", "False"]
 
 
+@pytest.mark.backends("cython")
+def test_cython_backend_never_loads_numba():
+    """For processes where Numba's runtime is unwelcome: every path of the Cython backend
+    (training, eval, ReLU, half precision, thread control) runs without importing Numba."""
+    code = ("import sys, numpy as np, fastbn\n"
+            "x = np.random.default_rng(0).standard_normal((64, 8, 16, 16)).astype(np.float32)\n"
+            "rm, rv = np.zeros(8), np.ones(8)\n"
+            "y, m, i = fastbn.forward(x, running_mean=rm, running_var=rv, activation='relu')\n"
+            "fastbn.backward(x, x, m, i, activation='relu')\n"
+            "fastbn.forward(x, training=False, running_mean=rm, running_var=rv)\n"
+            "fastbn.forward(x.astype(np.float16)); fastbn.forward(x.transpose(0, 2, 3, 1), axis=-1)\n"
+            "fastbn.set_num_threads(fastbn.get_num_threads())\n"
+            "print('numba' in sys.modules, 'llvmlite' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=dict(os.environ, FASTBN_BACKEND="cython")).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_thread_limit_matches_numba():
+    """fastbn finds NUMBA_NUM_THREADS without importing Numba, by Numba's own rule."""
+    code = ("from fastbn import _dispatch; a = _dispatch.thread_limit(); import numba; "
+            "print(a, numba.config.NUMBA_NUM_THREADS)")
+    for env in ({}, {"NUMBA_NUM_THREADS": "1"}):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, env=dict(os.environ, **env)).stdout.split()
+        assert out[0] == out[1]
+
+
 def test_results_are_named_tuples():
     x = make_x((4, 3), np.float64)
     res = fastbn.forward(x)
