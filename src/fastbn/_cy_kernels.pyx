@@ -1041,37 +1041,30 @@ cdef void _convert(const void *src, void *dst, Py_ssize_t n, bint to_float, bint
             _convert_block(src, dst, n, to_float, brain, t, threads)
 
 
-def float16_to_float32(int threads, cnp.ndarray src, cnp.ndarray dst):
-    """dst[i] = float32 of the float16 bit pattern src[i] (uint16), exactly."""
+cdef _convert_arrays(int threads, cnp.ndarray src, cnp.ndarray dst, bint to_float,
+                     bint brain):
     cdef void *s = _data(src)
     cdef void *d = _data(dst)
     cdef Py_ssize_t n = cnp.PyArray_SIZE(src)
     with nogil:
-        _convert(s, d, n, True, False, threads)
+        _convert(s, d, n, to_float, brain, threads)
+
+
+def float16_to_float32(int threads, cnp.ndarray src, cnp.ndarray dst):
+    """dst[i] = float32 of the float16 bit pattern src[i] (uint16), exactly."""
+    _convert_arrays(threads, src, dst, True, False)
 
 
 def bfloat16_to_float32(int threads, cnp.ndarray src, cnp.ndarray dst):
     """dst[i] = float32 of the bfloat16 bit pattern src[i] (uint16), exactly."""
-    cdef void *s = _data(src)
-    cdef void *d = _data(dst)
-    cdef Py_ssize_t n = cnp.PyArray_SIZE(src)
-    with nogil:
-        _convert(s, d, n, True, True, threads)
+    _convert_arrays(threads, src, dst, True, True)
 
 
 def float32_to_float16(int threads, cnp.ndarray src, cnp.ndarray dst):
     """dst[i] = float16 bits of src[i], rounded to nearest even (NaN and overflow as NumPy)."""
-    cdef void *s = _data(src)
-    cdef void *d = _data(dst)
-    cdef Py_ssize_t n = cnp.PyArray_SIZE(src)
-    with nogil:
-        _convert(s, d, n, False, False, threads)
+    _convert_arrays(threads, src, dst, False, False)
 
 
 def float32_to_bfloat16(int threads, cnp.ndarray src, cnp.ndarray dst):
     """dst[i] = bfloat16 bits of src[i], rounded to nearest even, NaN kept quiet."""
-    cdef void *s = _data(src)
-    cdef void *d = _data(dst)
-    cdef Py_ssize_t n = cnp.PyArray_SIZE(src)
-    with nogil:
-        _convert(s, d, n, False, True, threads)
+    _convert_arrays(threads, src, dst, False, True)
