@@ -25,7 +25,6 @@ from libc.math cimport sqrt, ldexp, frexp, fabs, INFINITY
 from libc.stdlib cimport calloc, malloc, free
 
 cimport numpy as cnp
-import numpy as np
 
 cnp.import_array()
 

@@ -95,10 +95,10 @@ def resolve_backend(backend, dtype=None):
 
 def default_backend(dtype=None):
     """The fastest available backend for x of this dtype, as ``python -m fastbn.bench``
-    measured it (README, "Backends"): Cython where it was built, on every float32 case at all
-    threads within the noise or ahead (0.9-1.0x Numba's time), and with no compile on first
-    call (0.05 s against 0.9 s); but Numba for float16, whose conversions use the CPU's F16C
-    instructions there (forward 8.3 ms against 10.4-13.1 ms on NCHW 32x64x56x56)."""
+    measured it (README, "Backends"): Cython where it was built, faster on every float32 case
+    at 2 threads (0.58-0.98x Numba's time), within 17% either way on one thread, and with no
+    compile on first call (0.04 s against 0.6 s); but Numba for float16, whose conversions use
+    the CPU's F16C instructions there (forward 5.5 ms against 7.9 ms on NCHW 32x64x56x56)."""
     names = available_backends()
     if names[0] == "cython" and dtype is not None and dtype.name == "float16" \
             and "numba" in names:
@@ -348,7 +348,8 @@ _KERNEL_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _vector64(arr):
-    """A per-feature vector as the kernels take it: contiguous float64."""
+    """A running statistic as the kernels take it: contiguous float64 (the other per-feature
+    vectors arrive so from validation)."""
     return np.ascontiguousarray(arr, dtype=np.float64)
 
 
@@ -399,8 +400,8 @@ def _update_running(K, args, stats):
 
 
 def _weight_bias(args, C):
-    weight = np.ones(C) if args.gamma is None else _vector64(args.gamma)
-    bias = np.zeros(C) if args.beta is None else _vector64(args.beta)
+    weight = np.ones(C) if args.gamma is None else args.gamma
+    bias = np.zeros(C) if args.beta is None else args.beta
     return weight, bias
 
 
@@ -465,19 +466,19 @@ def kernel_backward(backend, args):
         width = p.shape[1] if p.inner else C
         coef = np.empty((5, width), dtype=x.dtype)
         nchunks = _chunks(p.shape[0], x.nbytes)
-        mean, invstd = _vector64(args.mean), _vector64(args.invstd)
         if args.activation == "relu":
             # the forward's coefficients, rebuilt to find its mask
             fcoef = np.empty((4, width), dtype=x.dtype)
-            common = (mean, args.mean_ulp, invstd, weight, bias, args.training, grads, coef,
-                      fcoef)
+            common = (args.mean, args.mean_ulp, args.invstd, weight, bias, args.training, grads,
+                      coef, fcoef)
             if p.inner:
                 _launch(K.backward_relu_inner, x.nbytes, dy_v, x_v, dx_v, *common, nchunks,
                         p.B)
             else:
                 _launch(K.backward_relu_outer, x.nbytes, dy_v, x_v, dx_v, *common)
         else:
-            common = (mean, args.mean_ulp, invstd, weight, args.training, grads, coef)
+            common = (args.mean, args.mean_ulp, args.invstd, weight, args.training, grads,
+                      coef)
             if p.inner:
                 _launch(K.backward_inner, x.nbytes, dy_v, x_v, dx_v, *common, nchunks, p.B)
             else:

@@ -63,14 +63,15 @@ def _axis(axis, ndim):
 
 
 def _vector(value, name, C):
-    """A per-feature parameter (gamma, beta, mean, invstd) as a float64 vector of length C."""
+    """A per-feature parameter (gamma, beta, mean, invstd) as a contiguous float64 vector of
+    length C, the form every kernel takes."""
     arr = value if isinstance(value, np.ndarray) else _asarray_or_type_error(value, name)
     if arr.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating array, got dtype {arr.dtype}")
     if arr.shape != (C,):
         raise ValueError(f"{name} must have shape ({C},) to match x's feature axis, "
                          f"got {arr.shape}")
-    return arr.astype(np.float64, copy=False)
+    return np.ascontiguousarray(arr, dtype=np.float64)
 
 
 def _asarray_or_type_error(value, name):
