@@ -136,6 +136,32 @@ cdef inline bint _is_float(cnp.ndarray arr):
     return cnp.PyArray_TYPE(arr) == cnp.NPY_FLOAT32
 
 
+cdef struct Features:
+    # What backward is given per feature (float64, contiguous, as the dispatch layer passes
+    # it), and where it writes dgamma and dbeta.
+    const double *mean
+    const double *mean_ulp
+    const double *invstd
+    const double *weight
+    const double *bias  # NULL for the kernels without ReLU, which take no bias
+    double *grads
+    bint training
+
+
+cdef Features _features(cnp.ndarray mean_in, cnp.ndarray mean_ulp, cnp.ndarray invstd_in,
+                        cnp.ndarray weight, cnp.ndarray bias, bint training,
+                        cnp.ndarray grads):
+    cdef Features f
+    f.mean = _f64(mean_in)
+    f.mean_ulp = _f64(mean_ulp)
+    f.invstd = _f64(invstd_in)
+    f.weight = _f64(weight)
+    f.bias = NULL if bias is None else _f64(bias)
+    f.grads = _f64(grads)
+    f.training = training
+    return f
+
+
 # --- fused shims over the C loops -------------------------------------------------------------
 
 cdef inline void _shifted_sums(const floating *x, Py_ssize_t n, Py_ssize_t st, double shift,
@@ -478,11 +504,8 @@ cdef void _normalize_outer(Strided xv, Strided yv, const floating *coef, bint re
             _normalize_block(xv, yv, coef, relu, _row0(t, n, threads), _row0(t + 1, n, threads))
 
 
-cdef void _backward_group(Strided gv, Strided xv, Strided ov, const double *mean_in,
-                          const double *mean_ulp, const double *invstd_in,
-                          const double *weight, bint training, double *grads,
-                          floating *coef, Py_ssize_t c0, Py_ssize_t c1,
-                          double *sums) noexcept nogil:
+cdef void _backward_group(Strided gv, Strided xv, Strided ov, Features f, floating *coef,
+                          Py_ssize_t c0, Py_ssize_t c1, double *sums) noexcept nogil:
     cdef const floating *dy = <const floating *> gv.data
     cdef const floating *x = <const floating *> xv.data
     cdef floating *dx = <floating *> ov.data
@@ -503,17 +526,17 @@ cdef void _backward_group(Strided gv, Strided xv, Strided ov, const double *mean
             sums[3 * c + 2] += r[2]
     for c in range(c0, c1):
         shift = x[c * xv.s1]
-        mean = mean_in[c]
-        invstd = invstd_in[c]
-        if training:
-            mean = _refined_mean(mean, mean_ulp[c], shift, sums[3 * c], m)
+        mean = f.mean[c]
+        invstd = f.invstd[c]
+        if f.training:
+            mean = _refined_mean(mean, f.mean_ulp[c], shift, sums[3 * c], m)
         dgamma, k, u1, u2 = _grad_terms(sums[3 * c + 1], sums[3 * c + 2], shift, m, mean,
-                                        invstd, weight[c], training)
-        _store_grads(grads, C, coef, C, c, mean, invstd, dgamma,
+                                        invstd, f.weight[c], f.training)
+        _store_grads(f.grads, C, coef, C, c, mean, invstd, dgamma,
                      sums[3 * c + 1], k, u1, u2)
     for a in range(A):
         for c in range(c0, c1):
-            if training:
+            if f.training:
                 _dx_run(dy + a * gv.s0 + c * gv.s1, gv.s2, x + a * xv.s0 + c * xv.s1, xv.s2,
                         dx + a * ov.s0 + c * ov.s1, ov.s2, B, coef, C, c)
             else:  # eval: dx does not depend on x, so an Inf in x must not reach it
@@ -521,73 +544,61 @@ cdef void _backward_group(Strided gv, Strided xv, Strided ov, const double *mean
                            ov.s2, B, coef[2 * C + c])
 
 
-cdef void _backward_outer(Strided gv, Strided xv, Strided ov, const double *mean_in,
-                          const double *mean_ulp, const double *invstd_in,
-                          const double *weight, bint training, double *grads, floating *coef,
+cdef void _backward_outer(Strided gv, Strided xv, Strided ov, Features f, floating *coef,
                           Py_ssize_t group, int threads, double *sums) noexcept nogil:
     cdef Py_ssize_t C = xv.n1, g, ngroups = (C + group - 1) // group
     if threads == 1:
         for g in range(ngroups):
-            _backward_group(gv, xv, ov, mean_in, mean_ulp, invstd_in, weight, training, grads,
-                            coef, g * group, min(C, (g + 1) * group), sums)
+            _backward_group(gv, xv, ov, f, coef, g * group, min(C, (g + 1) * group), sums)
     else:
         for g in prange(ngroups, nogil=True, schedule="static", num_threads=threads):
-            _backward_group(gv, xv, ov, mean_in, mean_ulp, invstd_in, weight, training, grads,
-                            coef, g * group, min(C, (g + 1) * group), sums)
+            _backward_group(gv, xv, ov, f, coef, g * group, min(C, (g + 1) * group), sums)
 
 
-cdef void _backward_relu_feature(Strided gv, Strided xv, Strided ov, const double *mean_in,
-                                 const double *mean_ulp, const double *invstd_in,
-                                 const double *weight, const double *bias, bint training,
-                                 double *grads, floating *coef, floating *fcoef,
-                                 Py_ssize_t c) noexcept nogil:
+cdef void _backward_relu_feature(Strided gv, Strided xv, Strided ov, Features f,
+                                 floating *coef, floating *fcoef, Py_ssize_t c) noexcept nogil:
     cdef const floating *dy = <const floating *> gv.data
     cdef const floating *x = <const floating *> xv.data
     cdef floating *dx = <floating *> ov.data
     cdef Py_ssize_t A = xv.n0, C = xv.n1, B = xv.n2, a
     cdef double m = <double> (A * B)
     cdef double shift = x[c * xv.s1]
-    cdef double mean = mean_in[c], invstd = invstd_in[c]
+    cdef double mean = f.mean[c], invstd = f.invstd[c]
     cdef double s1 = 0.0, sdy = 0.0, sdyx = 0.0, dgamma, k, u1, u2
     cdef double r[2]
     cdef floating fc[4]
     cdef floating bc[5]
-    if training:  # the forward's sum, in the forward's order
+    if f.training:  # the forward's sum, in the forward's order
         for a in range(A):
             _shifted_sums(x + a * xv.s0 + c * xv.s1, B, xv.s2, shift, r)
             s1 += r[0]
-        mean = _refined_mean(mean, mean_ulp[c], shift, s1, m)
-    _forward_coefs(fcoef, C, c, mean, invstd, weight[c], bias[c])
+        mean = _refined_mean(mean, f.mean_ulp[c], shift, s1, m)
+    _forward_coefs(fcoef, C, c, mean, invstd, f.weight[c], f.bias[c])
     for a in range(A):
         _relu_sums_run(dy + a * gv.s0 + c * gv.s1, gv.s2, x + a * xv.s0 + c * xv.s1, xv.s2, B,
                        shift, fcoef, C, c, r)
         sdy += r[0]
         sdyx += r[1]
-    dgamma, k, u1, u2 = _grad_terms(sdy, sdyx, shift, m, mean, invstd, weight[c], training)
-    _store_grads(grads, C, coef, C, c, mean, invstd, dgamma, sdy, k, u1, u2)
+    dgamma, k, u1, u2 = _grad_terms(sdy, sdyx, shift, m, mean, invstd, f.weight[c], f.training)
+    _store_grads(f.grads, C, coef, C, c, mean, invstd, dgamma, sdy, k, u1, u2)
     for a in range(4):
         fc[a] = fcoef[a * C + c]
     for a in range(5):
         bc[a] = coef[a * C + c]
     for a in range(A):
         _relu_dx_run(dy + a * gv.s0 + c * gv.s1, gv.s2, x + a * xv.s0 + c * xv.s1, xv.s2,
-                     dx + a * ov.s0 + c * ov.s1, ov.s2, B, fc, bc, training)
+                     dx + a * ov.s0 + c * ov.s1, ov.s2, B, fc, bc, f.training)
 
 
-cdef void _backward_relu_outer(Strided gv, Strided xv, Strided ov, const double *mean_in,
-                               const double *mean_ulp, const double *invstd_in,
-                               const double *weight, const double *bias, bint training,
-                               double *grads, floating *coef, floating *fcoef,
-                               int threads) noexcept nogil:
+cdef void _backward_relu_outer(Strided gv, Strided xv, Strided ov, Features f,
+                               floating *coef, floating *fcoef, int threads) noexcept nogil:
     cdef Py_ssize_t c
     if threads == 1:
         for c in range(xv.n1):
-            _backward_relu_feature(gv, xv, ov, mean_in, mean_ulp, invstd_in, weight, bias,
-                                   training, grads, coef, fcoef, c)
+            _backward_relu_feature(gv, xv, ov, f, coef, fcoef, c)
     else:
         for c in prange(xv.n1, nogil=True, schedule="static", num_threads=threads):
-            _backward_relu_feature(gv, xv, ov, mean_in, mean_ulp, invstd_in, weight, bias,
-                                   training, grads, coef, fcoef, c)
+            _backward_relu_feature(gv, xv, ov, f, coef, fcoef, c)
 
 
 # --- feature-inner family -------------------------------------------------------------------------
@@ -674,10 +685,9 @@ cdef void _backward_rows_all(Strided gv, Strided xv, Strided ov, const double *s
             _backward_rows(gv, xv, ov, shift, partial, coef, nchunks, sums_pass, training, t)
 
 
-cdef int _backward_inner(Strided gv, Strided xv, Strided ov, const double *mean_in,
-                         const double *mean_ulp, const double *invstd_in, const double *weight,
-                         bint training, double *grads, floating *coef, Py_ssize_t C,
-                         Py_ssize_t nchunks, Py_ssize_t B, int threads) noexcept nogil:
+cdef int _backward_inner(Strided gv, Strided xv, Strided ov, Features f, floating *coef,
+                         Py_ssize_t C, Py_ssize_t nchunks, Py_ssize_t B,
+                         int threads) noexcept nogil:
     cdef const floating *x = <const floating *> xv.data
     cdef Py_ssize_t A = xv.n0, L = xv.n1, c
     cdef double m = <double> (A * _quot(L, C))
@@ -689,19 +699,19 @@ cdef int _backward_inner(Strided gv, Strided xv, Strided ov, const double *mean_
         free(shift); free(partial); free(sums)
         return -1
     _column_shifts(x, xv.s1, L, C, B, shift)
-    _backward_rows_all(gv, xv, ov, shift, partial, coef, nchunks, True, training, threads)
+    _backward_rows_all(gv, xv, ov, shift, partial, coef, nchunks, True, f.training, threads)
     _fold_columns(partial, 3, nchunks, L, C, B, sums)
     for c in range(C):
-        mean = mean_in[c]
-        invstd = invstd_in[c]
-        if training:
-            mean = _refined_mean(mean, mean_ulp[c], shift[c * B], sums[c], m)
+        mean = f.mean[c]
+        invstd = f.invstd[c]
+        if f.training:
+            mean = _refined_mean(mean, f.mean_ulp[c], shift[c * B], sums[c], m)
         dgamma, k, u1, u2 = _grad_terms(sums[C + c], sums[2 * C + c], shift[c * B], m, mean,
-                                        invstd, weight[c], training)
-        _store_grads(grads, C, coef, L, c, mean, invstd, dgamma, sums[C + c],
+                                        invstd, f.weight[c], f.training)
+        _store_grads(f.grads, C, coef, L, c, mean, invstd, dgamma, sums[C + c],
                      k, u1, u2)
     _tile_columns(coef, 5, L, C, B)
-    _backward_rows_all(gv, xv, ov, shift, partial, coef, nchunks, False, training, threads)
+    _backward_rows_all(gv, xv, ov, shift, partial, coef, nchunks, False, f.training, threads)
     free(shift); free(partial); free(sums)
     return 0
 
@@ -735,10 +745,8 @@ cdef void _relu_rows_all(Strided gv, Strided xv, Strided ov, const double *shift
             _relu_rows(gv, xv, ov, shift, partial, coef, fcoef, nchunks, sums_pass, training, t)
 
 
-cdef int _backward_relu_inner(Strided gv, Strided xv, Strided ov, const double *mean_in,
-                              const double *mean_ulp, const double *invstd_in,
-                              const double *weight, const double *bias, bint training,
-                              double *grads, floating *coef, floating *fcoef, Py_ssize_t C,
+cdef int _backward_relu_inner(Strided gv, Strided xv, Strided ov, Features f,
+                              floating *coef, floating *fcoef, Py_ssize_t C,
                               Py_ssize_t nchunks, Py_ssize_t B, int threads) noexcept nogil:
     cdef const floating *x = <const floating *> xv.data
     cdef Py_ssize_t A = xv.n0, L = xv.n1, c
@@ -751,29 +759,29 @@ cdef int _backward_relu_inner(Strided gv, Strided xv, Strided ov, const double *
         free(shift); free(partial); free(sums)
         return -1
     _column_shifts(x, xv.s1, L, C, B, shift)
-    if training:  # the forward's sums, as _forward_train_inner takes them
+    if f.training:  # the forward's sums, as _forward_train_inner takes them
         _accumulate(x, xv, shift, partial, nchunks, threads)
         _fold_columns(partial, 2, nchunks, L, C, B, sums)
     for c in range(C):
-        mean = mean_in[c]
-        if training:
-            mean = _refined_mean(mean, mean_ulp[c], shift[c * B], sums[c], m)
-        _forward_coefs(fcoef, L, c, mean, invstd_in[c], weight[c], bias[c])
-        grads[c] = mean  # parked here until the gradients are known
+        mean = f.mean[c]
+        if f.training:
+            mean = _refined_mean(mean, f.mean_ulp[c], shift[c * B], sums[c], m)
+        _forward_coefs(fcoef, L, c, mean, f.invstd[c], f.weight[c], f.bias[c])
+        f.grads[c] = mean  # parked here until the gradients are known
     _tile_columns(fcoef, 4, L, C, B)
     for c in range(2 * nchunks * L):
         partial[c] = 0.0
-    _relu_rows_all(gv, xv, ov, shift, partial, coef, fcoef, nchunks, True, training, threads)
+    _relu_rows_all(gv, xv, ov, shift, partial, coef, fcoef, nchunks, True, f.training, threads)
     _fold_columns(partial, 2, nchunks, L, C, B, sums)
     for c in range(C):
-        mean = grads[c]
-        invstd = invstd_in[c]
+        mean = f.grads[c]
+        invstd = f.invstd[c]
         dgamma, k, u1, u2 = _grad_terms(sums[c], sums[C + c], shift[c * B], m, mean, invstd,
-                                        weight[c], training)
-        _store_grads(grads, C, coef, L, c, mean, invstd, dgamma, sums[c], k,
+                                        f.weight[c], f.training)
+        _store_grads(f.grads, C, coef, L, c, mean, invstd, dgamma, sums[c], k,
                      u1, u2)
     _tile_columns(coef, 5, L, C, B)
-    _relu_rows_all(gv, xv, ov, shift, partial, coef, fcoef, nchunks, False, training, threads)
+    _relu_rows_all(gv, xv, ov, shift, partial, coef, fcoef, nchunks, False, f.training, threads)
     free(shift); free(partial); free(sums)
     return 0
 
@@ -865,22 +873,16 @@ def backward_outer(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx,
                    Py_ssize_t group):
     """Backward on (A, C, B) views, by groups of adjacent features."""
     cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
-    cdef double *mu = _f64(mean_in)
-    cdef double *ulp = _f64(mean_ulp)
-    cdef double *istd = _f64(invstd_in)
-    cdef double *w = _f64(weight)
-    cdef double *gr = _f64(grads)
+    cdef Features f = _features(mean_in, mean_ulp, invstd_in, weight, None, training, grads)
     cdef void *cf = _data(coef)
     cdef bint f32 = _is_float(x)
     cdef double *sums = <double *> malloc(3 * xv.n1 * sizeof(double))
     _checked(0 if sums != NULL else -1)
     with nogil:
         if f32:
-            _backward_outer(gv, xv, ov, mu, ulp, istd, w, training, gr, <float *> cf, group,
-                            threads, sums)
+            _backward_outer(gv, xv, ov, f, <float *> cf, group, threads, sums)
         else:
-            _backward_outer(gv, xv, ov, mu, ulp, istd, w, training, gr, <double *> cf, group,
-                            threads, sums)
+            _backward_outer(gv, xv, ov, f, <double *> cf, group, threads, sums)
         free(sums)
 
 
@@ -891,21 +893,15 @@ def backward_inner(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx,
     """Backward on feature-inner views (A, L)."""
     cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
     cdef Py_ssize_t C = cnp.PyArray_DIM(weight, 0)
-    cdef double *mu = _f64(mean_in)
-    cdef double *ulp = _f64(mean_ulp)
-    cdef double *istd = _f64(invstd_in)
-    cdef double *w = _f64(weight)
-    cdef double *gr = _f64(grads)
+    cdef Features f = _features(mean_in, mean_ulp, invstd_in, weight, None, training, grads)
     cdef void *cf = _data(coef)
     cdef bint f32 = _is_float(x)
     cdef int status
     with nogil:
         if f32:
-            status = _backward_inner(gv, xv, ov, mu, ulp, istd, w, training, gr, <float *> cf,
-                                     C, nchunks, B, threads)
+            status = _backward_inner(gv, xv, ov, f, <float *> cf, C, nchunks, B, threads)
         else:
-            status = _backward_inner(gv, xv, ov, mu, ulp, istd, w, training, gr,
-                                     <double *> cf, C, nchunks, B, threads)
+            status = _backward_inner(gv, xv, ov, f, <double *> cf, C, nchunks, B, threads)
     _checked(status)
 
 
@@ -915,22 +911,15 @@ def backward_relu_outer(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray 
                         cnp.ndarray grads, cnp.ndarray coef, cnp.ndarray fcoef):
     """Backward of relu(batch_norm(x)) on (A, C, B) views, per feature."""
     cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
-    cdef double *mu = _f64(mean_in)
-    cdef double *ulp = _f64(mean_ulp)
-    cdef double *istd = _f64(invstd_in)
-    cdef double *w = _f64(weight)
-    cdef double *b = _f64(bias)
-    cdef double *gr = _f64(grads)
+    cdef Features f = _features(mean_in, mean_ulp, invstd_in, weight, bias, training, grads)
     cdef void *cf = _data(coef)
     cdef void *fc = _data(fcoef)
     cdef bint f32 = _is_float(x)
     with nogil:
         if f32:
-            _backward_relu_outer(gv, xv, ov, mu, ulp, istd, w, b, training, gr, <float *> cf,
-                                 <float *> fc, threads)
+            _backward_relu_outer(gv, xv, ov, f, <float *> cf, <float *> fc, threads)
         else:
-            _backward_relu_outer(gv, xv, ov, mu, ulp, istd, w, b, training, gr, <double *> cf,
-                                 <double *> fc, threads)
+            _backward_relu_outer(gv, xv, ov, f, <double *> cf, <double *> fc, threads)
 
 
 def backward_relu_inner(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx,
@@ -941,23 +930,18 @@ def backward_relu_inner(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray 
     """Backward of relu(batch_norm(x)) on feature-inner views (A, L)."""
     cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
     cdef Py_ssize_t C = cnp.PyArray_DIM(weight, 0)
-    cdef double *mu = _f64(mean_in)
-    cdef double *ulp = _f64(mean_ulp)
-    cdef double *istd = _f64(invstd_in)
-    cdef double *w = _f64(weight)
-    cdef double *b = _f64(bias)
-    cdef double *gr = _f64(grads)
+    cdef Features f = _features(mean_in, mean_ulp, invstd_in, weight, bias, training, grads)
     cdef void *cf = _data(coef)
     cdef void *fc = _data(fcoef)
     cdef bint f32 = _is_float(x)
     cdef int status
     with nogil:
         if f32:
-            status = _backward_relu_inner(gv, xv, ov, mu, ulp, istd, w, b, training, gr,
-                                          <float *> cf, <float *> fc, C, nchunks, B, threads)
+            status = _backward_relu_inner(gv, xv, ov, f, <float *> cf, <float *> fc, C, nchunks,
+                                          B, threads)
         else:
-            status = _backward_relu_inner(gv, xv, ov, mu, ulp, istd, w, b, training, gr,
-                                          <double *> cf, <double *> fc, C, nchunks, B, threads)
+            status = _backward_relu_inner(gv, xv, ov, f, <double *> cf, <double *> fc, C,
+                                          nchunks, B, threads)
     _checked(status)
 
 
