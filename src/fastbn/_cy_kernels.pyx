@@ -786,7 +786,7 @@ cdef int _backward_relu_inner(Strided gv, Strided xv, Strided ov, Features f,
     return 0
 
 
-# --- entry points: the Numba kernels' names and arguments, after ``threads`` ------------------------
+# --- entry points: the Numba kernels' names and arguments, after ``threads`` ----------------
 # Pointers are taken with the GIL held; the loops run without it.
 
 cdef inline int _checked(int status) except -1:
