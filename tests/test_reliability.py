@@ -289,6 +289,39 @@ def test_values_near_float32_max_stay_finite_and_accurate(shape, axis):
     assert np.abs(dx - ref_dx).max() < 1e-6 * np.abs(ref_dx).max()
 
 
+@pytest.mark.parametrize("shape,axis", [((64, 6), 1), ((8, 4, 4, 6), -1), ((64, 6, 3), 1),
+                                        ((4, 6, 80), 1)])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_features_of_every_magnitude_in_one_call(shape, axis, activation):
+    """One feature near float32's max (it needs the prescaled path), one of magnitude 1e-30,
+    the rest ordinary: the compiled kernels finish ordinary features in a vectorized pass and
+    redo the call's features one at a time when any is not ordinary; every feature must come
+    out as the reference computes it, in both passes."""
+    rng = np.random.default_rng(3)
+    x = np.moveaxis(rng.standard_normal(shape), axis, 0)
+    x[0] = rng.uniform(-3.4e38, 3.4e38, x[0].shape)
+    x[1] *= 1e-30
+    x[2] += 1e4
+    x = np.moveaxis(x, 0, axis).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    C = shape[axis]
+    gamma, beta = rng.uniform(0.5, 2, C), rng.standard_normal(C)
+    y, mean, invstd = fastbn.forward(x, gamma, beta, axis=axis, activation=activation)
+    dx, dgamma, dbeta = fastbn.backward(dy, x, mean, invstd, gamma, beta, axis=axis,
+                                        activation=activation)
+    ref = fastbn.reference.forward(x, gamma, beta, axis=axis, activation=activation)
+    ref_b = fastbn.reference.backward(dy, x, mean, invstd, gamma, beta, axis=axis,
+                                      activation=activation)
+    np.testing.assert_allclose(mean, ref.mean, rtol=1e-6)
+    np.testing.assert_allclose(invstd, ref.invstd, rtol=1e-6)
+    np.testing.assert_allclose(y, ref.y, atol=1e-5)
+    scale = np.moveaxis(np.abs(ref_b.dx), axis, 0).reshape(C, -1).max(axis=1)
+    err = np.moveaxis(np.abs(dx - ref_b.dx), axis, 0).reshape(C, -1).max(axis=1)
+    assert (err <= 1e-5 * scale + 1e-30).all(), f"dx error per feature {err}, scale {scale}"
+    np.testing.assert_allclose(dbeta, ref_b.dbeta, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dgamma, ref_b.dgamma, rtol=1e-5, atol=1e-4)
+
+
 # --- fuzzing ----------------------------------------------------------------------------------
 
 def _junk():

@@ -21,8 +21,9 @@ form of every elementwise expression are those of the Numba kernels; see that mo
 """
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt, ldexp, frexp, fabs, INFINITY
+from libc.math cimport sqrt, fabs
 from libc.stdlib cimport calloc, malloc, free
+from libc.string cimport memcpy
 
 cimport numpy as cnp
 
@@ -102,6 +103,23 @@ cdef extern from "_cy_runs.h" nogil:
                         fbn_idx rs, fbn_idx cs, double *dx, fbn_idx ors, fbn_idx ocs,
                         fbn_idx a0, fbn_idx a1, fbn_idx L, const double *coef,
                         const double *fcoef, int training)
+    double fbn_prescale_of(double mean, double invstd)
+    void fbn_fold_features(const double *partial, fbn_idx S, fbn_idx nchunks, fbn_idx L,
+                           fbn_idx C, double *sums)
+    void finish_forward_f(const double *sums, fbn_idx C, const double *shift, fbn_idx B,
+                          double m, double eps, const double *weight, const double *bias,
+                          double *stats, float *coef, fbn_idx W)
+    void finish_forward_d(const double *sums, fbn_idx C, const double *shift, fbn_idx B,
+                          double m, double eps, const double *weight, const double *bias,
+                          double *stats, double *coef, fbn_idx W)
+    void finish_backward_f(const double *sums, fbn_idx C, const double *shift, fbn_idx B,
+                           double m, const double *mean, const double *mean_ulp,
+                           const double *invstd, const double *weight, int training,
+                           double *grads, float *coef, fbn_idx W)
+    void finish_backward_d(const double *sums, fbn_idx C, const double *shift, fbn_idx B,
+                           double m, const double *mean, const double *mean_ulp,
+                           const double *invstd, const double *weight, int training,
+                           double *grads, double *coef, fbn_idx W)
 
 
 # --- arrays as pointers ---------------------------------------------------------------------
@@ -326,25 +344,8 @@ cdef inline (double, double, double, double) _grad_terms(
     return dgamma, k, 0.0, 0.0
 
 
-cdef inline double _prescale(double mean, double var) noexcept nogil:
-    cdef double bound = sqrt(var)
-    cdef int exponent
-    if fabs(mean) > bound:
-        bound = fabs(mean)
-    if bound > 18446744073709551616.0 and bound < INFINITY:  # 2**64
-        frexp(bound, &exponent)
-        return ldexp(1.0, 64 - exponent)
-    return 1.0
-
-
 cdef inline double _prescale_of(double mean, double invstd) noexcept nogil:
-    """_prescale(mean, 1 / invstd**2), without its divisions and square root for ordinary
-    data (|mean| <= 2**64 and var <= 2**128 give 1 there too, exactly): they cost more than
-    the data of a small feature-inner call (NC 32x512)."""
-    cdef double q = invstd * invstd
-    if fabs(mean) <= 18446744073709551616.0 and q >= 2.938735877055719e-39:  # 2**64, 2**-128
-        return 1.0
-    return _prescale(mean, 1.0 / q)
+    return fbn_prescale_of(mean, invstd)  # _cy_runs.h, shared with the vectorized finishing
 
 
 cdef inline void _forward_coefs(floating *coef, Py_ssize_t W, Py_ssize_t c, double mean,
@@ -409,6 +410,9 @@ cdef void _fold_columns(const double *partial, Py_ssize_t S, Py_ssize_t nchunks,
     """partial (S, nchunks, L) -> per-feature sums (S, C), in the Numba kernels' order."""
     cdef Py_ssize_t s, t, j, r, c, b
     cdef double acc
+    if B == 1:  # the same additions, vectorized (0.0 + p is p here: sums start at +0.0)
+        fbn_fold_features(partial, S, nchunks, L, C, sums)
+        return
     for s in range(S * C):
         sums[s] = 0.0
     for s in range(S):
@@ -427,6 +431,11 @@ cdef void _tile_columns(floating *coef, Py_ssize_t R, Py_ssize_t L, Py_ssize_t C
                         Py_ssize_t B) noexcept nogil:
     """coef[:, j] = coef[:, feature of j], in place, from the last column down."""
     cdef Py_ssize_t j = L - 1, t, c, b, r
+    if B == 1:  # tiles of whole rows of C: copies that do not overlap their source
+        for r in range(R):
+            for t in range(1, _quot(L, C)):
+                memcpy(coef + r * L + t * C, coef + r * L, C * sizeof(floating))
+        return
     for t in range(_quot(L, C * B)):
         for c in range(C - 1, -1, -1):
             for b in range(B):
@@ -635,9 +644,8 @@ cdef int _forward_train_inner(Strided xv, Strided yv, const double *weight, cons
                               Py_ssize_t nchunks, Py_ssize_t B, bint relu,
                               int threads) noexcept nogil:
     cdef const floating *x = <const floating *> xv.data
-    cdef Py_ssize_t A = xv.n0, L = xv.n1, c
+    cdef Py_ssize_t A = xv.n0, L = xv.n1
     cdef double m = <double> (A * _quot(L, C))
-    cdef double mean, var, invstd
     cdef double *shift = <double *> malloc(L * sizeof(double))
     cdef double *partial = <double *> calloc(2 * nchunks * L, sizeof(double))
     cdef double *sums = <double *> malloc(2 * C * sizeof(double))
@@ -647,9 +655,11 @@ cdef int _forward_train_inner(Strided xv, Strided yv, const double *weight, cons
     _column_shifts(x, xv.s1, L, C, B, shift)
     _accumulate(x, xv, shift, partial, nchunks, threads)
     _fold_columns(partial, 2, nchunks, L, C, B, sums)  # backward_relu_inner repeats this
-    for c in range(C):
-        mean, var, invstd = _stats(sums[c], sums[C + c], shift[c * B], m, eps)
-        _store_stats(stats, C, coef, L, c, mean, var, invstd, weight[c], bias[c])
+    # _stats and _store_stats of every feature, vectorized (_cy_runs_t.h)
+    if floating is float:
+        finish_forward_f(sums, C, shift, B, m, eps, weight, bias, stats, coef, L)
+    else:
+        finish_forward_d(sums, C, shift, B, m, eps, weight, bias, stats, coef, L)
     _tile_columns(coef, 4, L, C, B)
     _normalize_inner(xv, yv, coef, nchunks, relu, threads)
     free(shift); free(partial); free(sums)
@@ -689,9 +699,8 @@ cdef int _backward_inner(Strided gv, Strided xv, Strided ov, Features f, floatin
                          Py_ssize_t C, Py_ssize_t nchunks, Py_ssize_t B,
                          int threads) noexcept nogil:
     cdef const floating *x = <const floating *> xv.data
-    cdef Py_ssize_t A = xv.n0, L = xv.n1, c
+    cdef Py_ssize_t A = xv.n0, L = xv.n1
     cdef double m = <double> (A * _quot(L, C))
-    cdef double mean, invstd, dgamma, k, u1, u2
     cdef double *shift = <double *> malloc(L * sizeof(double))
     cdef double *partial = <double *> calloc(3 * nchunks * L, sizeof(double))
     cdef double *sums = <double *> malloc(3 * C * sizeof(double))
@@ -701,15 +710,13 @@ cdef int _backward_inner(Strided gv, Strided xv, Strided ov, Features f, floatin
     _column_shifts(x, xv.s1, L, C, B, shift)
     _backward_rows_all(gv, xv, ov, shift, partial, coef, nchunks, True, f.training, threads)
     _fold_columns(partial, 3, nchunks, L, C, B, sums)
-    for c in range(C):
-        mean = f.mean[c]
-        invstd = f.invstd[c]
-        if f.training:
-            mean = _refined_mean(mean, f.mean_ulp[c], shift[c * B], sums[c], m)
-        dgamma, k, u1, u2 = _grad_terms(sums[C + c], sums[2 * C + c], shift[c * B], m, mean,
-                                        invstd, f.weight[c], f.training)
-        _store_grads(f.grads, C, coef, L, c, mean, invstd, dgamma, sums[C + c],
-                     k, u1, u2)
+    # _refined_mean, _grad_terms and _store_grads of every feature, vectorized (_cy_runs_t.h)
+    if floating is float:
+        finish_backward_f(sums, C, shift, B, m, f.mean, f.mean_ulp, f.invstd, f.weight,
+                          f.training, f.grads, coef, L)
+    else:
+        finish_backward_d(sums, C, shift, B, m, f.mean, f.mean_ulp, f.invstd, f.weight,
+                          f.training, f.grads, coef, L)
     _tile_columns(coef, 5, L, C, B)
     _backward_rows_all(gv, xv, ov, shift, partial, coef, nchunks, False, f.training, threads)
     free(shift); free(partial); free(sums)

@@ -31,6 +31,64 @@ typedef ptrdiff_t fbn_idx;
 #define FBN_LOOP static inline
 #endif
 
+#include <math.h>
+
+/* --- per-feature helpers, double only ------------------------------------------------------ */
+
+/* Features with |mean| <= 2**64 and invstd**2 >= 2**-128 (var + eps <= 2**128): ordinary data,
+ * whose prescale is exactly 1. The rest go through fbn_prescale. */
+static inline int fbn_ordinary(double mean, double invstd)
+{
+    /* & rather than &&: no branch, so that the loops calling this vectorize */
+    return (fabs(mean) <= 18446744073709551616.0) & (invstd * invstd >= 2.938735877055719e-39);
+}
+
+/* A power of two s with |mean * s| and sqrt(var) * s below 2**64, so that the squares of the
+ * prescaled data stay finite in float32 and double (1 for ordinary data). */
+static inline double fbn_prescale(double mean, double var)
+{
+    double bound = sqrt(var);
+    int exponent;
+    if (fabs(mean) > bound)
+        bound = fabs(mean);
+    if (bound > 18446744073709551616.0 && bound < INFINITY) {  /* 2**64 */
+        frexp(bound, &exponent);
+        return ldexp(1.0, 64 - exponent);
+    }
+    return 1.0;
+}
+
+/* fbn_prescale(mean, 1 / invstd**2), without its divisions and square root for ordinary
+ * data: they cost more than the data of a small feature-inner call (NC 32x512). */
+static inline double fbn_prescale_of(double mean, double invstd)
+{
+    if (fbn_ordinary(mean, invstd))
+        return 1.0;
+    return fbn_prescale(mean, 1.0 / (invstd * invstd));
+}
+
+/* partial (S, nchunks, L) -> per-feature sums (S, C) for views whose columns are features
+ * (B == 1, L = k * C), added in the order of the general fold (_fold_columns in
+ * _cy_kernels.pyx): block by block, tile by tile. Vectorized across features. */
+FBN_LOOP void fbn_fold_features(const double *partial, fbn_idx S, fbn_idx nchunks, fbn_idx L,
+                                fbn_idx C, double *sums)
+{
+    fbn_idx s, t, r, c;
+    for (s = 0; s < S; s++) {
+        double *out = sums + s * C;
+        for (c = 0; c < C; c++)
+            out[c] = 0.0;
+        for (t = 0; t < nchunks; t++) {
+            for (r = 0; r + C <= L; r += C) {
+                const double *p = partial + (s * nchunks + t) * L + r;
+                #pragma omp simd
+                for (c = 0; c < C; c++)
+                    out[c] += p[c];
+            }
+        }
+    }
+}
+
 #define FBN_CAT2(a, b) a##_##b
 #define FBN_CAT(a, b) FBN_CAT2(a, b)
 #define FBN(name) FBN_CAT(name, FBN_SUFFIX)

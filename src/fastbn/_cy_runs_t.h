@@ -11,6 +11,12 @@ static inline T FBN(bn_value)(T v, T s, T hi, T scale, T shift)
     return (v * s - hi) * scale + shift;
 }
 
+/* The training gradient, dx = (dy + (x * s - hi) * u1 + u2) * k */
+static inline T FBN(dx_value)(T g, T v, T s, T hi, T k, T u1, T u2)
+{
+    return (g + (v * s - hi) * u1 + u2) * k;
+}
+
 /* max(z, 0) with NaN passed through, as torch.relu. */
 static inline T FBN(relu)(T z)
 {
@@ -94,7 +100,6 @@ FBN_LOOP void FBN(normalize_run)(const T *x, fbn_idx sx, T *y, fbn_idx sy, fbn_i
     }
 }
 
-/* dx = (dy + (x * s - hi) * u1 + u2) * k */
 FBN_LOOP void FBN(dx_run)(const T *dy, fbn_idx sdy, const T *x, fbn_idx sx, T *dx,
                                fbn_idx sdx, fbn_idx n, T s, T hi, T k, T u1, T u2)
 {
@@ -102,10 +107,10 @@ FBN_LOOP void FBN(dx_run)(const T *dy, fbn_idx sdy, const T *x, fbn_idx sx, T *d
     if (sdy == 1 && sx == 1 && sdx == 1) {
         #pragma omp simd
         for (b = 0; b < n; b++)
-            dx[b] = (dy[b] + (x[b] * s - hi) * u1 + u2) * k;
+            dx[b] = FBN(dx_value)(dy[b], x[b], s, hi, k, u1, u2);
     } else {
         for (b = 0; b < n; b++)
-            dx[b * sdx] = (dy[b * sdy] + (x[b * sx] * s - hi) * u1 + u2) * k;
+            dx[b * sdx] = FBN(dx_value)(dy[b * sdy], x[b * sx], s, hi, k, u1, u2);
     }
 }
 
@@ -251,13 +256,43 @@ FBN_LOOP void FBN(accumulate_backward_rows)(const T *dy, fbn_idx drs, fbn_idx dc
     }
 }
 
+/* The elementwise row loops below take four rows per pass over the coefficients: coef holds
+ * 4 or 5 values per column (16-20 bytes per 4-byte float32 element), so one row per pass read
+ * four to five times the data's bytes from L2 (a 2048-column coef is 32 KB, L1's size): that
+ * made the float32 normalize 2x a copy on NC 256x2048 (perf: the coefficient loads). Every
+ * element is computed by the same expression, so the bits do not depend on the blocking. */
 FBN_LOOP void FBN(normalize_rows)(const T *x, fbn_idx rs, fbn_idx cs, T *y, fbn_idx yrs,
                                        fbn_idx ycs, fbn_idx a0, fbn_idx a1, fbn_idx L,
                                        const T *coef, int relu)
 {
     const T *c0 = coef, *c1 = coef + L, *c2 = coef + 2 * L, *c3 = coef + 3 * L;
-    fbn_idx a, j;
-    for (a = a0; a < a1; a++) {
+    fbn_idx a = a0, j;
+    if (cs == 1 && ycs == 1) {
+        for (; a + 4 <= a1; a += 4) {
+            const T *x0 = x + a * rs, *x1 = x0 + rs, *x2 = x1 + rs, *x3 = x2 + rs;
+            T *y0 = y + a * yrs, *y1 = y0 + yrs, *y2 = y1 + yrs, *y3 = y2 + yrs;
+            if (relu) {
+                #pragma omp simd
+                for (j = 0; j < L; j++) {
+                    T s = c0[j], hi = c1[j], k = c2[j], b = c3[j];
+                    y0[j] = FBN(relu)(FBN(bn_value)(x0[j], s, hi, k, b));
+                    y1[j] = FBN(relu)(FBN(bn_value)(x1[j], s, hi, k, b));
+                    y2[j] = FBN(relu)(FBN(bn_value)(x2[j], s, hi, k, b));
+                    y3[j] = FBN(relu)(FBN(bn_value)(x3[j], s, hi, k, b));
+                }
+            } else {
+                #pragma omp simd
+                for (j = 0; j < L; j++) {
+                    T s = c0[j], hi = c1[j], k = c2[j], b = c3[j];
+                    y0[j] = FBN(bn_value)(x0[j], s, hi, k, b);
+                    y1[j] = FBN(bn_value)(x1[j], s, hi, k, b);
+                    y2[j] = FBN(bn_value)(x2[j], s, hi, k, b);
+                    y3[j] = FBN(bn_value)(x3[j], s, hi, k, b);
+                }
+            }
+        }
+    }
+    for (; a < a1; a++) {
         const T *xr = x + a * rs;
         T *yr = y + a * yrs;
         if (cs == 1 && ycs == 1) {
@@ -285,17 +320,33 @@ FBN_LOOP void FBN(dx_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, const T *x, fb
 {
     const T *c0 = coef, *c1 = coef + L, *c2 = coef + 2 * L, *c3 = coef + 3 * L,
             *c4 = coef + 4 * L;
-    fbn_idx a, j;
-    for (a = a0; a < a1; a++) {
+    fbn_idx a = a0, j;
+    if (cs == 1 && dcs == 1 && ocs == 1) {
+        for (; a + 4 <= a1; a += 4) {
+            const T *g0 = dy + a * drs, *g1 = g0 + drs, *g2 = g1 + drs, *g3 = g2 + drs;
+            const T *x0 = x + a * rs, *x1 = x0 + rs, *x2 = x1 + rs, *x3 = x2 + rs;
+            T *o0 = dx + a * ors, *o1 = o0 + ors, *o2 = o1 + ors, *o3 = o2 + ors;
+            #pragma omp simd
+            for (j = 0; j < L; j++) {
+                T s = c0[j], hi = c1[j], k = c2[j], u1 = c3[j], u2 = c4[j];
+                o0[j] = FBN(dx_value)(g0[j], x0[j], s, hi, k, u1, u2);
+                o1[j] = FBN(dx_value)(g1[j], x1[j], s, hi, k, u1, u2);
+                o2[j] = FBN(dx_value)(g2[j], x2[j], s, hi, k, u1, u2);
+                o3[j] = FBN(dx_value)(g3[j], x3[j], s, hi, k, u1, u2);
+            }
+        }
+    }
+    for (; a < a1; a++) {
         const T *gr = dy + a * drs, *xr = x + a * rs;
         T *o = dx + a * ors;
         if (cs == 1 && dcs == 1 && ocs == 1) {
             #pragma omp simd
             for (j = 0; j < L; j++)
-                o[j] = (gr[j] + (xr[j] * c0[j] - c1[j]) * c3[j] + c4[j]) * c2[j];
+                o[j] = FBN(dx_value)(gr[j], xr[j], c0[j], c1[j], c2[j], c3[j], c4[j]);
         } else {
             for (j = 0; j < L; j++)
-                o[j * ocs] = (gr[j * dcs] + (xr[j * cs] * c0[j] - c1[j]) * c3[j] + c4[j]) * c2[j];
+                o[j * ocs] = FBN(dx_value)(gr[j * dcs], xr[j * cs], c0[j], c1[j], c2[j], c3[j],
+                                           c4[j]);
         }
     }
 }
@@ -359,6 +410,122 @@ FBN_LOOP void FBN(relu_dx_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, const T *
             o[j * ocs] = z;
         }
     }
+}
+
+/* --- per-feature finishing of the feature-inner family ----------------------------------------
+ * The statistics and coefficients of C features from their folded sums, as the Cython module's
+ * _store_stats and _store_grads compute them one feature at a time (the outer family still
+ * does), written as loops the compiler vectorizes: on NC 32x512 the scalar divisions and
+ * square roots of 512 features took longer than the pass over the data. Division and sqrt are
+ * correctly rounded in vector form too, so the bits are those of the scalar code. The
+ * vectorized pass takes the prescale as 1; when a feature is not ordinary (fbn_ordinary) the
+ * whole finishing runs again with the exact prescale, one feature at a time. */
+
+/* The forward's normalizing coefficients (4, W) of feature c, for invstd already rounded to T. */
+static inline void FBN(forward_coefs)(T *coef, fbn_idx W, fbn_idx c, double mean, double invstd,
+                                      double weight, double bias, double s)
+{
+    double scale = weight * invstd;
+    T hi = (T)(mean * s);
+    if (s != 1.0)  /* dividing by 1 changes nothing but costs a division per feature */
+        scale = scale / s;
+    coef[c] = (T)s;
+    coef[W + c] = hi;
+    coef[2 * W + c] = (T)scale;
+    coef[3 * W + c] = (T)(bias - (mean * s - (double)hi) * scale);
+}
+
+/* Feature c's statistics (stats (3, C): mean, biased var, invstd) and coefficients; returns 1
+ * where the feature is not ordinary. exact: use its prescale (else 1). */
+static inline int FBN(forward_feature)(const double *sums, fbn_idx C, double shift, double m,
+                                       double eps, double weight, double bias, double *stats,
+                                       T *coef, fbn_idx W, fbn_idx c, int exact)
+{
+    double dm = sums[c] / m;
+    double var = sums[C + c] / m - dm * dm;
+    double mean, invstd, inv_t;
+    if (var < 0.0)  /* rounding only; written so that NaN passes through */
+        var = 0.0;
+    mean = shift + dm;
+    invstd = 1.0 / sqrt(var + eps);
+    stats[c] = mean;
+    stats[C + c] = var;
+    stats[2 * C + c] = invstd;
+    inv_t = (double)(T)invstd;  /* invstd as forward returns it, in x's dtype */
+    FBN(forward_coefs)(coef, W, c, mean, inv_t, weight, bias,
+                       exact ? fbn_prescale_of(mean, inv_t) : 1.0);
+    return !fbn_ordinary(mean, inv_t);
+}
+
+/* Every feature's statistics from sums (2, C) around shift[c * B]. */
+FBN_LOOP void FBN(finish_forward)(const double *sums, fbn_idx C, const double *shift, fbn_idx B,
+                                  double m, double eps, const double *weight,
+                                  const double *bias, double *stats, T *coef, fbn_idx W)
+{
+    fbn_idx c;
+    int odd = 0;
+    #pragma omp simd reduction(|:odd)
+    for (c = 0; c < C; c++)
+        odd |= FBN(forward_feature)(sums, C, shift[c * B], m, eps, weight[c], bias[c], stats,
+                                    coef, W, c, 0);
+    if (odd)
+        for (c = 0; c < C; c++)
+            FBN(forward_feature)(sums, C, shift[c * B], m, eps, weight[c], bias[c], stats, coef,
+                                 W, c, 1);
+}
+
+/* Feature c's gradients (grads (2, C): dgamma, dbeta) and dx coefficients (5, W) from sums
+ * (3, C): sum(x - shift), sum(dy), sum(dy * (x - shift)). In training, mean is refined to the
+ * batch mean when the two agree within mean_ulp (see fastbn.reference.backward). */
+static inline int FBN(backward_feature)(const double *sums, fbn_idx C, double shift, double m,
+                                        double mean, double mean_ulp, double invstd,
+                                        double weight, int training, double *grads, T *coef,
+                                        fbn_idx W, fbn_idx c, int exact)
+{
+    double sdy = sums[C + c], sdyx = sums[2 * C + c];
+    double dgamma, k, u1 = 0.0, u2 = 0.0, s;
+    T hi;
+    if (training) {
+        double batch_mean = shift + sums[c] / m;
+        if (fabs(batch_mean - mean) <= mean_ulp)
+            mean = batch_mean;
+    }
+    dgamma = (sdyx - (mean - shift) * sdy) * invstd;
+    k = weight * invstd;
+    if (training) {
+        u1 = -invstd * dgamma / m;
+        u2 = -sdy / m;
+    }
+    grads[c] = dgamma;
+    grads[C + c] = sdy;
+    s = exact ? fbn_prescale_of(mean, invstd) : 1.0;
+    hi = (T)(mean * s);
+    if (s != 1.0)
+        u1 = u1 / s;
+    coef[c] = (T)s;
+    coef[W + c] = hi;
+    coef[2 * W + c] = (T)k;
+    coef[3 * W + c] = (T)u1;
+    coef[4 * W + c] = (T)(u2 - (mean * s - (double)hi) * u1);
+    return !fbn_ordinary(mean, invstd);
+}
+
+FBN_LOOP void FBN(finish_backward)(const double *sums, fbn_idx C, const double *shift,
+                                   fbn_idx B, double m, const double *mean,
+                                   const double *mean_ulp, const double *invstd,
+                                   const double *weight, int training, double *grads, T *coef,
+                                   fbn_idx W)
+{
+    fbn_idx c;
+    int odd = 0;
+    #pragma omp simd reduction(|:odd)
+    for (c = 0; c < C; c++)
+        odd |= FBN(backward_feature)(sums, C, shift[c * B], m, mean[c], mean_ulp[c], invstd[c],
+                                     weight[c], training, grads, coef, W, c, 0);
+    if (odd)
+        for (c = 0; c < C; c++)
+            FBN(backward_feature)(sums, C, shift[c * B], m, mean[c], mean_ulp[c], invstd[c],
+                                  weight[c], training, grads, coef, W, c, 1);
 }
 
 #undef T
