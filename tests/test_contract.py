@@ -108,14 +108,17 @@ def test_same_bits_for_any_thread_count(shape, axis):
         np.testing.assert_array_equal(a, b)
 
 
-def test_serial_and_parallel_twins_agree(monkeypatch):
+def test_serial_and_parallel_twins_agree():
     from fastbn import _dispatch
 
     x = make_x((8, 16, 24, 24), np.float64, seed=4)
-    parallel = fastbn.forward(x)
-    monkeypatch.setattr(_dispatch, "PARALLEL_MIN_BYTES", 2**62)
-    serial = fastbn.forward(x)
-    for a, b in zip(parallel, serial):
+    dy = make_x(x.shape, np.float64, seed=5)
+    results = []
+    for parallel in (True, False):
+        with _dispatch.forced_parallel(parallel):
+            y, mean, invstd = fastbn.forward(x)
+            results.append((y, mean, invstd, *fastbn.backward(dy, x, mean, invstd)))
+    for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
 
 
@@ -213,7 +216,8 @@ def test_default_backend_is_the_measured_fastest(monkeypatch):
     seen = []
     real = _dispatch._launch
     monkeypatch.setattr(_dispatch, "_launch",
-                        lambda kern, *a: seen.append(kern.__module__) or real(kern, *a))
+                        lambda backend, threads, kern, *a: seen.append(kern.__module__)
+                        or real(backend, threads, kern, *a))
     monkeypatch.delenv("FASTBN_BACKEND")
     fastbn.forward(np.ones((4, 3), np.float32))
     assert seen == ["fastbn._cy_kernels" if "cython" in names else "fastbn._numba_kernels"]
@@ -235,17 +239,18 @@ def test_precompile_runs_every_family(monkeypatch):
     seen = []
     real_launch = _dispatch._launch
 
-    def spy(kern, nbytes, *args):
-        seen.append((kern.__name__, nbytes >= _dispatch.PARALLEL_MIN_BYTES))
-        return real_launch(kern, nbytes, *args)
+    def spy(backend, threads, kern, *args):
+        seen.append((kern.__name__, threads > 1))
+        return real_launch(backend, threads, kern, *args)
 
     monkeypatch.setattr(_dispatch, "_launch", spy)
     precompile.precompile(dtypes=(np.float32,))
     names = {name for name, _ in seen}
     assert {"forward_train_outer", "forward_train_inner", "normalize_outer", "normalize_inner",
             "backward_outer", "backward_inner"} <= names
-    assert {parallel for _, parallel in seen} == {True, False}
-    assert _dispatch.PARALLEL_MIN_BYTES == 256 * 1024
+    if fastbn.get_num_threads() > 1:
+        assert {parallel for _, parallel in seen} == {True, False}
+    assert _dispatch._forced is None  # restored
 
 
 def test_bench_skips_a_case_whose_dtype_cannot_be_made(monkeypatch):
@@ -259,3 +264,44 @@ def test_bench_skips_a_case_whose_dtype_cannot_be_made(monkeypatch):
     rows = bench.run([bench.Case("bf16", (4, 3), dtype="bfloat16")], [1], samples=1,
                      with_reference=False, with_torch=False, log=messages.append)
     assert rows == [] and "skipped bf16" in messages[0]
+
+
+def test_parallel_threshold_for_every_launch():
+    """Every compiled backend has a measured crossover for each family and op; below it a
+    kernel runs on the calling thread, from it on fastbn's thread count."""
+    from fastbn import _dispatch
+
+    for backend in ("numba", "cython"):
+        for family in ("outer", "inner"):
+            for op in ("forward", "eval", "backward"):
+                edge = _dispatch.PARALLEL_MIN_BYTES[backend, family, op]
+                assert _dispatch.launch_threads(backend, family, op, edge - 1) == 1
+                assert _dispatch.launch_threads(backend, family, op,
+                                                edge) == fastbn.get_num_threads()
+    with _dispatch.forced_parallel(False):
+        assert _dispatch.launch_threads("cython", "outer", "forward", 2**40) == 1
+        with _dispatch.forced_parallel(True):
+            assert _dispatch.launch_threads("numba", "inner", "eval", 1) == \
+                fastbn.get_num_threads()
+        assert _dispatch._forced is False
+    assert _dispatch._forced is None
+
+
+def test_crossover_point_is_where_the_team_stops_losing():
+    """bench --crossover reports, per family and op, the smallest size from which the team
+    was never slower, over every layout of the family."""
+    from fastbn import bench
+
+    def row(layout, kib, serial, team):
+        r = {"backend": "cython", "layout": layout, "family": "inner", "KiB": kib}
+        for op in bench.CROSSOVER_OPS:
+            r[f"{op} serial"], r[f"{op} team"] = serial, team
+        return r
+
+    rows = [row("NC", 16, 1.0, 2.0), row("NC", 32, 1.0, 0.9), row("NC", 64, 1.0, 0.5),
+            row("NHWC", 16, 1.0, 2.0), row("NHWC", 32, 1.0, 1.1), row("NHWC", 64, 1.0, 0.5)]
+    assert bench.crossover_points(rows)["cython", "inner", "forward"] == 64
+    rows.append(row("NHWC", 128, 1.0, 1.5))  # losing again at the largest size: never
+    assert bench.crossover_points(rows)["cython", "inner", "eval"] is None
+    table = bench.format_crossover(rows)
+    assert "| cython | inner | forward | never | 256 |" in table

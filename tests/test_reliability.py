@@ -22,9 +22,19 @@ from conftest import assert_close, make_x
 
 numba = pytest.importorskip("numba")
 
-# Big enough for the parallel twins (PARALLEL_MIN_BYTES), small enough to run quickly.
+# Both families, both dtypes; small enough to run quickly. The thread and fork tests run them on
+# the parallel twins whatever their size (the parallel_kernels fixture).
 CASES = [((16, 32, 24, 24), 1, np.float32), ((16, 24, 24, 32), -1, np.float32),
          ((2048, 96), 1, np.float64), ((8, 16, 40, 40), 1, np.float64), ((64, 5), 1, np.float32)]
+
+
+@pytest.fixture
+def parallel_kernels(monkeypatch):
+    """Every kernel on the thread team, for the whole test (every Python thread, and children
+    forked from it), whatever the size crossover says."""
+    from fastbn import _dispatch
+
+    monkeypatch.setattr(_dispatch, "_forced", True)
 
 
 def compute(shape, axis, dtype, seed):
@@ -35,7 +45,7 @@ def compute(shape, axis, dtype, seed):
     return y, mean, invstd, dx, dg, db
 
 
-def test_eight_python_threads_at_once_give_the_serial_results():
+def test_eight_python_threads_at_once_give_the_serial_results(parallel_kernels):
     """Concurrent calls (same and different shapes/dtypes, parallel kernels) from 8 threads
     return exactly the bits a lone call returns (results do not depend on scheduling)."""
     jobs = [(CASES[i % len(CASES)], i) for i in range(8)]
@@ -74,7 +84,7 @@ def _child(queue, shape, axis, dtype):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_child_forked_after_parallel_kernels_can_run_them():
+def test_child_forked_after_parallel_kernels_can_run_them(parallel_kernels):
     """PyTorch's DataLoader forks workers after the parent ran kernels: the child must run
     the parallel kernels too (GNU OpenMP would hang or abort there)."""
     shape, axis, dtype = CASES[0]
@@ -100,7 +110,7 @@ def _os_threads():
 
 @pytest.mark.backends("numba")
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
-def test_calls_from_a_thread_pool_do_not_oversubscribe():
+def test_calls_from_a_thread_pool_do_not_oversubscribe(parallel_kernels):
     """Eight caller threads share one kernel thread pool: the process never holds more OS
     threads than the callers plus Numba's pool (plus a few of the runtime's own)."""
     compute(*CASES[0], seed=1)  # start the pool
@@ -130,7 +140,7 @@ def test_calls_from_a_thread_pool_do_not_oversubscribe():
 
 
 @pytest.mark.backends("cython")
-def test_cython_runs_one_openmp_team_at_a_time(monkeypatch):
+def test_cython_runs_one_openmp_team_at_a_time(monkeypatch, parallel_kernels):
     """GNU OpenMP gives every calling thread its own team: eight callers launching at once
     would run 8 x n threads on n cores. The Cython launches take turns (a try-lock): while one
     team runs, other callers run their kernel on their own thread, same bits."""

@@ -15,6 +15,7 @@ Arguments arrive here already validated (:mod:`fastbn._validate`). This module d
   waking threads);
 - half-precision inputs, which go through float32 (see the end of this module).
 """
+import contextlib
 import importlib.util
 import math
 import numbers
@@ -30,8 +31,32 @@ from ._common import BackwardResult, ForwardResult, stats_dtype, update_running_
 
 BACKEND_ENV = "FASTBN_BACKEND"
 THREADS_ENV = "FASTBN_NUM_THREADS"
-#: Below this many bytes of x a kernel runs serially: waking the thread pool costs more.
-PARALLEL_MIN_BYTES = 256 * 1024
+
+_KiB = 1024
+#: From how many bytes of x a kernel runs on the thread team rather than on the calling thread
+#: alone, by (backend, family, op); see :func:`launch_threads`. Measured with ``python -m
+#: fastbn.bench --crossover`` on the 2-core machine (bench/README.md has the table): the
+#: smallest size tried from which the team was not slower at any larger size, over NCHW
+#: (feature-outer) and NC and NHWC (feature-inner) scans. Waking the team costs about 4 us with
+#: OpenMP, and 20-40 us with Numba's feature-inner kernels, whose crossover is therefore far
+#: higher. Half-precision conversions use the "inner", "eval" figure (one elementwise pass).
+PARALLEL_MIN_BYTES = {
+    ("cython", "outer", "forward"): 16 * _KiB,
+    ("cython", "outer", "eval"): 128 * _KiB,
+    ("cython", "outer", "backward"): 16 * _KiB,
+    ("cython", "inner", "forward"): 256 * _KiB,
+    ("cython", "inner", "eval"): 256 * _KiB,
+    ("cython", "inner", "backward"): 256 * _KiB,
+    ("numba", "outer", "forward"): 256 * _KiB,
+    ("numba", "outer", "eval"): 512 * _KiB,
+    ("numba", "outer", "backward"): 128 * _KiB,
+    ("numba", "inner", "forward"): 1024 * _KiB,
+    ("numba", "inner", "eval"): 1024 * _KiB,
+    ("numba", "inner", "backward"): 512 * _KiB,
+}
+#: None: by size, as above. True or False: every kernel on the team, or on the calling thread
+#: (see :func:`forced_parallel`).
+_forced = None
 
 #: Feature-inner kernels split rows into at most MAX_CHUNKS blocks of at least CHUNK_MIN_BYTES.
 MAX_CHUNKS = 64
@@ -308,13 +333,29 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _launch(kern, nbytes, *args):
-    """Run a kernel on fastbn's thread count, or on one thread for small arrays (waking the
-    pool costs more than it saves below PARALLEL_MIN_BYTES)."""
-    threads = get_num_threads()
-    if nbytes < PARALLEL_MIN_BYTES:
-        threads = 1
-    if threads > 1 and kern.__module__ == "fastbn._cy_kernels":
+def launch_threads(backend, family, op, nbytes):
+    """Threads for one kernel launch: fastbn's thread count, or 1 below the measured crossover
+    (PARALLEL_MIN_BYTES), where waking the team costs more than it saves. ``family`` is
+    "outer" or "inner", ``op`` "forward", "eval" or "backward"."""
+    parallel = nbytes >= PARALLEL_MIN_BYTES[backend, family, op] if _forced is None else _forced
+    return get_num_threads() if parallel else 1
+
+
+@contextlib.contextmanager
+def forced_parallel(parallel):
+    """Within the block, every kernel runs on the thread team (True) or on the calling thread
+    (False) whatever its size: for the crossover scan, precompilation and the tests."""
+    global _forced
+    before, _forced = _forced, bool(parallel)
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+def _launch(backend, threads, kern, *args):
+    """Run a kernel of ``backend`` on ``threads`` threads (see :func:`launch_threads`)."""
+    if threads > 1 and backend == "cython":
         return _cython_launch(kern, threads, *args)
     return kern(threads, *args)
 
@@ -374,12 +415,11 @@ GROUP_BYTES = 8 * 2**20
 GROUPS_PER_THREAD = 2
 
 
-def _group(shape3, itemsize, nbytes, budget=GROUP_BYTES):
+def _group(shape3, itemsize, threads, budget=GROUP_BYTES):
     """Features per group of the feature-outer kernels (results do not depend on it)."""
     A, C, B = shape3
     if B * itemsize < GROUP_MIN_RUN_BYTES:
         return 1
-    threads = 1 if nbytes < PARALLEL_MIN_BYTES else get_num_threads()
     by_cache = budget // max(1, A * B * itemsize)
     by_balance = -(-C // (GROUPS_PER_THREAD * threads))
     return max(1, min(by_cache, by_balance))
@@ -422,22 +462,24 @@ def kernel_forward(backend, args):
     nchunks = _chunks(p.shape[0], x.nbytes)
     relu = args.activation == "relu"
     stats = np.empty((3, C))
+    family = "inner" if p.inner else "outer"
+    threads = launch_threads(backend, family, "forward" if args.training else "eval", x.nbytes)
     if args.training:
         if p.inner:
-            _launch(K.forward_train_inner, x.nbytes, x_v, y_v, weight, bias, args.eps, stats,
-                    coef, nchunks, p.B, relu)
+            _launch(backend, threads, K.forward_train_inner, x_v, y_v, weight, bias, args.eps,
+                    stats, coef, nchunks, p.B, relu)
         else:
-            _launch(K.forward_train_outer, x.nbytes, x_v, y_v, weight, bias, args.eps, stats,
-                    coef, relu, _group(p.shape, x.itemsize, x.nbytes))
+            _launch(backend, threads, K.forward_train_outer, x_v, y_v, weight, bias, args.eps,
+                    stats, coef, relu, _group(p.shape, x.itemsize, threads))
         _update_running(K, args, stats)
     else:
         K.eval_coefficients(_vector64(args.running_mean), _vector64(args.running_var),
                             weight, bias, args.eps, stats, coef)
         if p.inner:
             K.tile_columns(coef, C, p.B)
-            _launch(K.normalize_inner, x.nbytes, x_v, y_v, coef, nchunks, relu)
+            _launch(backend, threads, K.normalize_inner, x_v, y_v, coef, nchunks, relu)
         else:
-            _launch(K.normalize_outer, x.nbytes, x_v, y_v, coef, relu)
+            _launch(backend, threads, K.normalize_outer, x_v, y_v, coef, relu)
     if written is not None:
         np.copyto(written, y_v)
     if copy_back:
@@ -466,25 +508,28 @@ def kernel_backward(backend, args):
         width = p.shape[1] if p.inner else C
         coef = np.empty((5, width), dtype=x.dtype)
         nchunks = _chunks(p.shape[0], x.nbytes)
+        threads = launch_threads(backend, "inner" if p.inner else "outer", "backward",
+                                 x.nbytes)
         if args.activation == "relu":
             # the forward's coefficients, rebuilt to find its mask
             fcoef = np.empty((4, width), dtype=x.dtype)
             common = (args.mean, args.mean_ulp, args.invstd, weight, bias, args.training, grads,
                       coef, fcoef)
             if p.inner:
-                _launch(K.backward_relu_inner, x.nbytes, dy_v, x_v, dx_v, *common, nchunks,
-                        p.B)
+                _launch(backend, threads, K.backward_relu_inner, dy_v, x_v, dx_v, *common,
+                        nchunks, p.B)
             else:
-                _launch(K.backward_relu_outer, x.nbytes, dy_v, x_v, dx_v, *common)
+                _launch(backend, threads, K.backward_relu_outer, dy_v, x_v, dx_v, *common)
         else:
             common = (args.mean, args.mean_ulp, args.invstd, weight, args.training, grads,
                       coef)
             if p.inner:
-                _launch(K.backward_inner, x.nbytes, dy_v, x_v, dx_v, *common, nchunks, p.B)
+                _launch(backend, threads, K.backward_inner, dy_v, x_v, dx_v, *common, nchunks,
+                        p.B)
             else:
                 # backward reads two arrays where forward reads one: half the budget
-                _launch(K.backward_outer, x.nbytes, dy_v, x_v, dx_v, *common,
-                        _group(p.shape, x.itemsize, x.nbytes, GROUP_BYTES // 2))
+                _launch(backend, threads, K.backward_outer, dy_v, x_v, dx_v, *common,
+                        _group(p.shape, x.itemsize, threads, GROUP_BYTES // 2))
         if written is not None:
             np.copyto(written, dx_v)
     if copy_back:
@@ -516,12 +561,14 @@ def _convert(src, dst, backend):
             np.copyto(dst, src, casting="unsafe")
         return
     K = _kernels(backend)
+    # sized by the float32 side, as the float32 kernels are by their x
+    threads = launch_threads(backend, "inner", "eval", max(s.nbytes, d.nbytes))
     if src.dtype == np.float32:
         kern = K.float32_to_float16 if dst.dtype.name == "float16" else K.float32_to_bfloat16
-        _launch(kern, d.nbytes, s, d.view(np.uint16))
+        _launch(backend, threads, kern, s, d.view(np.uint16))
     else:
         kern = K.float16_to_float32 if src.dtype.name == "float16" else K.bfloat16_to_float32
-        _launch(kern, s.nbytes, s.view(np.uint16), d)
+        _launch(backend, threads, kern, s.view(np.uint16), d)
 
 
 def _as_float32(arr, backend):

@@ -23,27 +23,21 @@ def precompile(dtypes=(np.float32, np.float64), log=None):
     from fastbn import _dispatch
 
     start = time.perf_counter()
-    threads = fastbn.get_num_threads()
-    min_bytes = _dispatch.PARALLEL_MIN_BYTES
-    try:
-        for parallel in (True, False):
-            _dispatch.PARALLEL_MIN_BYTES = 0 if parallel else 2**62
-            for dtype in dtypes:
-                for shape, axis in _SHAPES:
-                    x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
-                    rm, rv = np.zeros(shape[axis], dtype), np.ones(shape[axis], dtype)
+    for parallel in (True, False):
+        for dtype in dtypes:
+            for shape, axis in _SHAPES:
+                x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+                rm, rv = np.zeros(shape[axis], dtype), np.ones(shape[axis], dtype)
+                with _dispatch.forced_parallel(parallel):
                     _, mean, invstd = fastbn.forward(x, axis=axis, running_mean=rm,
                                                      running_var=rv, backend="numba")
                     fastbn.forward(x, axis=axis, training=False, running_mean=rm,
                                    running_var=rv, backend="numba")
                     fastbn.backward(x, x, mean, invstd, axis=axis, backend="numba")
-                    if log:
-                        log(f"  {np.dtype(dtype).name} {shape} "
-                            f"{'parallel' if parallel else 'serial'}: "
-                            f"{time.perf_counter() - start:.1f} s")
-    finally:
-        _dispatch.PARALLEL_MIN_BYTES = min_bytes
-        fastbn.set_num_threads(threads)
+                if log:
+                    log(f"  {np.dtype(dtype).name} {shape} "
+                        f"{'parallel' if parallel else 'serial'}: "
+                        f"{time.perf_counter() - start:.1f} s")
     return time.perf_counter() - start
 
 
