@@ -112,6 +112,12 @@ cdef extern from "_cy_runs.h" nogil:
     void finish_forward_d(const double *sums, fbn_idx C, const double *shift, fbn_idx B,
                           double m, double eps, const double *weight, const double *bias,
                           double *stats, double *coef, fbn_idx W)
+    void finish_eval_f(const double *running_mean, const double *running_var, fbn_idx C,
+                       double eps, const double *weight, const double *bias, double *stats,
+                       float *coef, fbn_idx W)
+    void finish_eval_d(const double *running_mean, const double *running_var, fbn_idx C,
+                       double eps, const double *weight, const double *bias, double *stats,
+                       double *coef, fbn_idx W)
     void finish_backward_f(const double *sums, fbn_idx C, const double *shift, fbn_idx B,
                            double m, const double *mean, const double *mean_ulp,
                            const double *invstd, const double *weight, int training,
@@ -965,10 +971,11 @@ cdef void _eval_coefficients(const double *running_mean, const double *running_v
                              const double *weight, const double *bias, double eps,
                              double *stats, floating *coef, Py_ssize_t C,
                              Py_ssize_t W) noexcept nogil:
-    cdef Py_ssize_t c
-    for c in range(C):
-        _store_stats(stats, C, coef, W, c, running_mean[c], running_var[c],
-                     1.0 / sqrt(running_var[c] + eps), weight[c], bias[c])
+    # _store_stats of every feature, vectorized (_cy_runs_t.h)
+    if floating is float:
+        finish_eval_f(running_mean, running_var, C, eps, weight, bias, stats, coef, W)
+    else:
+        finish_eval_d(running_mean, running_var, C, eps, weight, bias, stats, coef, W)
 
 
 def eval_coefficients(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarray weight,

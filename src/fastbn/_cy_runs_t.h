@@ -435,26 +435,33 @@ static inline void FBN(forward_coefs)(T *coef, fbn_idx W, fbn_idx c, double mean
     coef[3 * W + c] = (T)(bias - (mean * s - (double)hi) * scale);
 }
 
-/* Feature c's statistics (stats (3, C): mean, biased var, invstd) and coefficients; returns 1
- * where the feature is not ordinary. exact: use its prescale (else 1). */
+/* Feature c's statistics (stats (3, C): mean, biased var, invstd) and coefficients from its
+ * mean and variance; returns 1 where the feature is not ordinary. exact: use its prescale
+ * (else 1). */
+static inline int FBN(stats_and_coefs)(double mean, double var, double eps, double weight,
+                                       double bias, double *stats, fbn_idx C, T *coef,
+                                       fbn_idx W, fbn_idx c, int exact)
+{
+    double invstd = 1.0 / sqrt(var + eps);
+    double inv_t = (double)(T)invstd;  /* invstd as forward returns it, in x's dtype */
+    stats[c] = mean;
+    stats[C + c] = var;
+    stats[2 * C + c] = invstd;
+    FBN(forward_coefs)(coef, W, c, mean, inv_t, weight, bias,
+                       exact ? fbn_prescale_of(mean, inv_t) : 1.0);
+    return !fbn_ordinary(mean, inv_t);
+}
+
+/* The same from feature c's sums around shift (sums (2, C): sum(x - shift), its squares). */
 static inline int FBN(forward_feature)(const double *sums, fbn_idx C, double shift, double m,
                                        double eps, double weight, double bias, double *stats,
                                        T *coef, fbn_idx W, fbn_idx c, int exact)
 {
     double dm = sums[c] / m;
     double var = sums[C + c] / m - dm * dm;
-    double mean, invstd, inv_t;
     if (var < 0.0)  /* rounding only; written so that NaN passes through */
         var = 0.0;
-    mean = shift + dm;
-    invstd = 1.0 / sqrt(var + eps);
-    stats[c] = mean;
-    stats[C + c] = var;
-    stats[2 * C + c] = invstd;
-    inv_t = (double)(T)invstd;  /* invstd as forward returns it, in x's dtype */
-    FBN(forward_coefs)(coef, W, c, mean, inv_t, weight, bias,
-                       exact ? fbn_prescale_of(mean, inv_t) : 1.0);
-    return !fbn_ordinary(mean, inv_t);
+    return FBN(stats_and_coefs)(shift + dm, var, eps, weight, bias, stats, C, coef, W, c, exact);
 }
 
 /* Every feature's statistics from sums (2, C) around shift[c * B]. */
@@ -472,6 +479,23 @@ FBN_LOOP void FBN(finish_forward)(const double *sums, fbn_idx C, const double *s
         for (c = 0; c < C; c++)
             FBN(forward_feature)(sums, C, shift[c * B], m, eps, weight[c], bias[c], stats, coef,
                                  W, c, 1);
+}
+
+/* Eval mode: every feature's statistics and coefficients from the running ones (float64). */
+FBN_LOOP void FBN(finish_eval)(const double *running_mean, const double *running_var,
+                               fbn_idx C, double eps, const double *weight, const double *bias,
+                               double *stats, T *coef, fbn_idx W)
+{
+    fbn_idx c;
+    int odd = 0;
+    #pragma omp simd reduction(|:odd)
+    for (c = 0; c < C; c++)
+        odd |= FBN(stats_and_coefs)(running_mean[c], running_var[c], eps, weight[c], bias[c],
+                                    stats, C, coef, W, c, 0);
+    if (odd)
+        for (c = 0; c < C; c++)
+            FBN(stats_and_coefs)(running_mean[c], running_var[c], eps, weight[c], bias[c], stats,
+                                 C, coef, W, c, 1);
 }
 
 /* Feature c's gradients (grads (2, C): dgamma, dbeta) and dx coefficients (5, W) from sums

@@ -125,8 +125,8 @@ def default_backend(dtype=None):
     compile on first call (0.04 s against 0.6 s); but Numba for float16, whose conversions use
     the CPU's F16C instructions there (forward 5.5 ms against 7.9 ms on NCHW 32x64x56x56)."""
     names = available_backends()
-    if names[0] == "cython" and dtype is not None and dtype.name == "float16" \
-            and "numba" in names:
+    # dtype.char, not dtype.name: the name is built by Python code in NumPy (2 us a call)
+    if names[0] == "cython" and dtype is not None and dtype.char == "e" and "numba" in names:
         return "numba"
     return names[0]
 
@@ -485,8 +485,8 @@ def kernel_forward(backend, args):
     if copy_back:
         np.copyto(args.out, y)
         y = args.out
-    sdt = stats_dtype(x.dtype)
-    return ForwardResult(y, stats[0].astype(sdt), stats[2].astype(sdt))
+    mean, invstd = stats[::2].astype(stats_dtype(x.dtype))  # one conversion for both
+    return ForwardResult(y, mean, invstd)
 
 
 def kernel_backward(backend, args):
@@ -535,8 +535,8 @@ def kernel_backward(backend, args):
     if copy_back:
         np.copyto(args.out, dx)
         dx = args.out
-    sdt = stats_dtype(x.dtype)
-    return BackwardResult(dx, grads[0].astype(sdt), grads[1].astype(sdt))
+    dgamma, dbeta = grads.astype(stats_dtype(x.dtype))
+    return BackwardResult(dx, dgamma, dbeta)
 
 
 # --- half precision ------------------------------------------------------------------------------
