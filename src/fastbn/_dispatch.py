@@ -120,10 +120,10 @@ def resolve_backend(backend, dtype=None):
 
 def default_backend(dtype=None):
     """The fastest available backend for x of this dtype, as ``python -m fastbn.bench``
-    measured it (README, "Backends"): Cython where it was built, faster on every float32 case
-    at 2 threads (0.58-0.98x Numba's time), within 17% either way on one thread, and with no
-    compile on first call (0.04 s against 0.6 s); but Numba for float16, whose conversions use
-    the CPU's F16C instructions there (forward 5.5 ms against 7.9 ms on NCHW 32x64x56x56)."""
+    measured it (README, "Backends"): Cython where it was built (0.46-0.98x Numba's time on
+    the float32 cases at 2 threads, 0.67-1.03x on one, no compile on first call); but Numba for
+    float16, whose conversions use the CPU's F16C instructions there (forward 6.0 ms against
+    8.6 ms on NCHW 32x64x56x56, 2 threads)."""
     names = available_backends()
     # dtype.char, not dtype.name: the name is built by Python code in NumPy (2 us a call)
     if names[0] == "cython" and dtype is not None and dtype.char == "e" and "numba" in names:
