@@ -296,6 +296,8 @@ def crossover_points(rows):
 
 
 def format_crossover(rows):
+    """Markdown: the scan's times and ratios per backend, layout and size, then the crossover
+    per backend, family and op beside the threshold fastbn uses (PARALLEL_MIN_BYTES)."""
     from fastbn import _dispatch
 
     lines = ["| backend | layout | KiB | " + " | ".join(
