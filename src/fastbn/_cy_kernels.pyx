@@ -21,7 +21,6 @@ form of every elementwise expression are those of the Numba kernels; see that mo
 """
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt, fabs
 from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memcpy
 
@@ -104,6 +103,23 @@ cdef extern from "_cy_runs.h" nogil:
                         fbn_idx a0, fbn_idx a1, fbn_idx L, const double *coef,
                         const double *fcoef, int training)
     double fbn_prescale_of(double mean, double invstd)
+    double fbn_refined_mean(double mean, double mean_ulp, double shift, double sx, double m)
+    void forward_coefs_f(float *coef, fbn_idx W, fbn_idx c, double mean, double invstd,
+                         double weight, double bias, double s)
+    void forward_coefs_d(double *coef, fbn_idx W, fbn_idx c, double mean, double invstd,
+                         double weight, double bias, double s)
+    int forward_feature_f(double s1, double s2, double shift, double m, double eps,
+                          double weight, double bias, double *stats, fbn_idx C, float *coef,
+                          fbn_idx W, fbn_idx c, int exact)
+    int forward_feature_d(double s1, double s2, double shift, double m, double eps,
+                          double weight, double bias, double *stats, fbn_idx C, double *coef,
+                          fbn_idx W, fbn_idx c, int exact)
+    int grad_coefs_f(double sdy, double sdyx, double shift, double m, double mean,
+                     double invstd, double weight, int training, double *grads, fbn_idx C,
+                     float *coef, fbn_idx W, fbn_idx c, int exact)
+    int grad_coefs_d(double sdy, double sdyx, double shift, double m, double mean,
+                     double invstd, double weight, int training, double *grads, fbn_idx C,
+                     double *coef, fbn_idx W, fbn_idx c, int exact)
     void fbn_fold_features(const double *partial, fbn_idx S, fbn_idx nchunks, fbn_idx L,
                            fbn_idx C, double *sums)
     void finish_forward_f(const double *sums, fbn_idx C, const double *shift, fbn_idx B,
@@ -323,71 +339,40 @@ cdef inline void _relu_dx_rows(const floating *dy, Py_ssize_t drs, Py_ssize_t dc
         relu_dx_rows_d(dy, drs, dcs, x, rs, cs, dx, ors, ocs, a0, a1, L, coef, fcoef, training)
 
 
-# --- per-feature finishing steps (the Numba module's helpers of the same names) ----------------
+# --- per-feature finishing steps, one feature at a time (the math is in _cy_runs_t.h) ------------
 
-cdef inline (double, double, double) _stats(double s1, double s2, double shift, double m,
-                                            double eps) noexcept nogil:
-    cdef double dm = s1 / m
-    cdef double var = s2 / m - dm * dm
-    if var < 0.0:  # rounding only; written so that NaN passes through
-        var = 0.0
-    return shift + dm, var, 1.0 / sqrt(var + eps)
-
-
-cdef inline double _refined_mean(double mean, double mean_ulp, double shift, double sx,
-                                 double m) noexcept nogil:
-    cdef double batch_mean = shift + sx / m
-    return batch_mean if fabs(batch_mean - mean) <= mean_ulp else mean
-
-
-cdef inline (double, double, double, double) _grad_terms(
-        double sdy, double sdyx, double shift, double m, double mean, double invstd,
-        double weight, bint training) noexcept nogil:
-    cdef double dgamma = (sdyx - (mean - shift) * sdy) * invstd
-    cdef double k = weight * invstd
-    if training:
-        return dgamma, k, -invstd * dgamma / m, -sdy / m
-    return dgamma, k, 0.0, 0.0
-
-
-cdef inline double _prescale_of(double mean, double invstd) noexcept nogil:
-    return fbn_prescale_of(mean, invstd)  # _cy_runs.h, shared with the vectorized finishing
+cdef inline void _forward_feature(double s1, double s2, double shift, double m, double eps,
+                                  double weight, double bias, double *stats, Py_ssize_t C,
+                                  floating *coef, Py_ssize_t W, Py_ssize_t c) noexcept nogil:
+    """Feature c's statistics (stats (3, C)) and normalizing coefficients (coef (4, W)) from
+    s1 = sum(x - shift) and s2 = sum((x - shift)**2) over its m values."""
+    if floating is float:
+        forward_feature_f(s1, s2, shift, m, eps, weight, bias, stats, C, coef, W, c, 1)
+    else:
+        forward_feature_d(s1, s2, shift, m, eps, weight, bias, stats, C, coef, W, c, 1)
 
 
 cdef inline void _forward_coefs(floating *coef, Py_ssize_t W, Py_ssize_t c, double mean,
                                 double invstd, double weight, double bias) noexcept nogil:
-    cdef double s = _prescale_of(mean, invstd)
-    cdef double scale = weight * invstd
-    if s != 1.0:  # dividing by 1 changes nothing but costs a division per feature
-        scale = scale / s
-    coef[c] = <floating> s
-    coef[W + c] = <floating> (mean * s)
-    coef[2 * W + c] = <floating> scale
-    coef[3 * W + c] = <floating> (bias - (mean * s - <double> coef[W + c]) * scale)
+    """The forward's coefficients of feature c alone (ReLU backward rebuilds its mask)."""
+    cdef double s = fbn_prescale_of(mean, invstd)
+    if floating is float:
+        forward_coefs_f(coef, W, c, mean, invstd, weight, bias, s)
+    else:
+        forward_coefs_d(coef, W, c, mean, invstd, weight, bias, s)
 
 
-cdef inline void _store_stats(double *stats, Py_ssize_t C, floating *coef, Py_ssize_t W,
-                              Py_ssize_t c, double mean, double var, double invstd,
-                              double weight, double bias) noexcept nogil:
-    stats[c] = mean
-    stats[C + c] = var
-    stats[2 * C + c] = invstd
-    coef[2 * W + c] = <floating> invstd  # rounded to x's dtype: invstd as forward returns it
-    _forward_coefs(coef, W, c, mean, <double> coef[2 * W + c], weight, bias)
-
-
-cdef inline void _store_grads(double *grads, Py_ssize_t C, floating *coef, Py_ssize_t W,
-                              Py_ssize_t c, double mean, double invstd, double dgamma,
-                              double dbeta, double k, double u1, double u2) noexcept nogil:
-    grads[c] = dgamma
-    grads[C + c] = dbeta
-    cdef double s = _prescale_of(mean, invstd)
-    coef[c] = <floating> s
-    coef[W + c] = <floating> (mean * s)
-    coef[2 * W + c] = <floating> k
-    cdef double u1s = u1 if s == 1.0 else u1 / s
-    coef[3 * W + c] = <floating> u1s
-    coef[4 * W + c] = <floating> (u2 - (mean * s - <double> coef[W + c]) * u1s)
+cdef inline void _grad_coefs(double sdy, double sdyx, double shift, double m, double mean,
+                             double invstd, double weight, bint training, double *grads,
+                             Py_ssize_t C, floating *coef, Py_ssize_t W,
+                             Py_ssize_t c) noexcept nogil:
+    """Feature c's dgamma, dbeta (grads (2, C)) and dx coefficients (coef (5, W))."""
+    if floating is float:
+        grad_coefs_f(sdy, sdyx, shift, m, mean, invstd, weight, training, grads, C, coef, W, c,
+                     1)
+    else:
+        grad_coefs_d(sdy, sdyx, shift, m, mean, invstd, weight, training, grads, C, coef, W, c,
+                     1)
 
 
 # --- feature-inner helpers: columns, shifts, folds ---------------------------------------------
@@ -463,7 +448,6 @@ cdef void _forward_group(Strided xv, Strided yv, const double *weight, const dou
     cdef floating *y = <floating *> yv.data
     cdef Py_ssize_t A = xv.n0, C = xv.n1, B = xv.n2, a, c
     cdef double r[2]
-    cdef double mean, var, invstd, shift
     for c in range(c0, c1):
         sums[2 * c] = 0.0
         sums[2 * c + 1] = 0.0
@@ -473,9 +457,8 @@ cdef void _forward_group(Strided xv, Strided yv, const double *weight, const dou
             sums[2 * c] += r[0]
             sums[2 * c + 1] += r[1]
     for c in range(c0, c1):
-        shift = x[c * xv.s1]
-        mean, var, invstd = _stats(sums[2 * c], sums[2 * c + 1], shift, <double> (A * B), eps)
-        _store_stats(stats, C, coef, C, c, mean, var, invstd, weight[c], bias[c])
+        _forward_feature(sums[2 * c], sums[2 * c + 1], x[c * xv.s1], <double> (A * B), eps,
+                         weight[c], bias[c], stats, C, coef, C, c)
     for a in range(A):
         for c in range(c0, c1):
             _normalize_run(x + a * xv.s0 + c * xv.s1, xv.s2, y + a * yv.s0 + c * yv.s1, yv.s2,
@@ -527,7 +510,7 @@ cdef void _backward_group(Strided gv, Strided xv, Strided ov, Features f, floati
     cdef Py_ssize_t A = xv.n0, C = xv.n1, B = xv.n2, a, c
     cdef double m = <double> (A * B)
     cdef double r[3]
-    cdef double shift, mean, invstd, dgamma, k, u1, u2
+    cdef double shift, mean
     for c in range(c0, c1):
         sums[3 * c] = 0.0
         sums[3 * c + 1] = 0.0
@@ -542,13 +525,10 @@ cdef void _backward_group(Strided gv, Strided xv, Strided ov, Features f, floati
     for c in range(c0, c1):
         shift = x[c * xv.s1]
         mean = f.mean[c]
-        invstd = f.invstd[c]
         if f.training:
-            mean = _refined_mean(mean, f.mean_ulp[c], shift, sums[3 * c], m)
-        dgamma, k, u1, u2 = _grad_terms(sums[3 * c + 1], sums[3 * c + 2], shift, m, mean,
-                                        invstd, f.weight[c], f.training)
-        _store_grads(f.grads, C, coef, C, c, mean, invstd, dgamma,
-                     sums[3 * c + 1], k, u1, u2)
+            mean = fbn_refined_mean(mean, f.mean_ulp[c], shift, sums[3 * c], m)
+        _grad_coefs(sums[3 * c + 1], sums[3 * c + 2], shift, m, mean, f.invstd[c], f.weight[c],
+                    f.training, f.grads, C, coef, C, c)
     for a in range(A):
         for c in range(c0, c1):
             if f.training:
@@ -579,7 +559,7 @@ cdef void _backward_relu_feature(Strided gv, Strided xv, Strided ov, Features f,
     cdef double m = <double> (A * B)
     cdef double shift = x[c * xv.s1]
     cdef double mean = f.mean[c], invstd = f.invstd[c]
-    cdef double s1 = 0.0, sdy = 0.0, sdyx = 0.0, dgamma, k, u1, u2
+    cdef double s1 = 0.0, sdy = 0.0, sdyx = 0.0
     cdef double r[2]
     cdef floating fc[4]
     cdef floating bc[5]
@@ -587,15 +567,15 @@ cdef void _backward_relu_feature(Strided gv, Strided xv, Strided ov, Features f,
         for a in range(A):
             _shifted_sums(x + a * xv.s0 + c * xv.s1, B, xv.s2, shift, r)
             s1 += r[0]
-        mean = _refined_mean(mean, f.mean_ulp[c], shift, s1, m)
+        mean = fbn_refined_mean(mean, f.mean_ulp[c], shift, s1, m)
     _forward_coefs(fcoef, C, c, mean, invstd, f.weight[c], f.bias[c])
     for a in range(A):
         _relu_sums_run(dy + a * gv.s0 + c * gv.s1, gv.s2, x + a * xv.s0 + c * xv.s1, xv.s2, B,
                        shift, fcoef, C, c, r)
         sdy += r[0]
         sdyx += r[1]
-    dgamma, k, u1, u2 = _grad_terms(sdy, sdyx, shift, m, mean, invstd, f.weight[c], f.training)
-    _store_grads(f.grads, C, coef, C, c, mean, invstd, dgamma, sdy, k, u1, u2)
+    _grad_coefs(sdy, sdyx, shift, m, mean, invstd, f.weight[c], f.training, f.grads, C, coef, C,
+                c)
     for a in range(4):
         fc[a] = fcoef[a * C + c]
     for a in range(5):
@@ -661,7 +641,7 @@ cdef int _forward_train_inner(Strided xv, Strided yv, const double *weight, cons
     _column_shifts(x, xv.s1, L, C, B, shift)
     _accumulate(x, xv, shift, partial, nchunks, threads)
     _fold_columns(partial, 2, nchunks, L, C, B, sums)  # backward_relu_inner repeats this
-    # _stats and _store_stats of every feature, vectorized (_cy_runs_t.h)
+    # every feature's statistics and coefficients, vectorized (_cy_runs_t.h)
     if floating is float:
         finish_forward_f(sums, C, shift, B, m, eps, weight, bias, stats, coef, L)
     else:
@@ -716,7 +696,7 @@ cdef int _backward_inner(Strided gv, Strided xv, Strided ov, Features f, floatin
     _column_shifts(x, xv.s1, L, C, B, shift)
     _backward_rows_all(gv, xv, ov, shift, partial, coef, nchunks, True, f.training, threads)
     _fold_columns(partial, 3, nchunks, L, C, B, sums)
-    # _refined_mean, _grad_terms and _store_grads of every feature, vectorized (_cy_runs_t.h)
+    # every feature's gradients and dx coefficients, vectorized (_cy_runs_t.h)
     if floating is float:
         finish_backward_f(sums, C, shift, B, m, f.mean, f.mean_ulp, f.invstd, f.weight,
                           f.training, f.grads, coef, L)
@@ -764,7 +744,7 @@ cdef int _backward_relu_inner(Strided gv, Strided xv, Strided ov, Features f,
     cdef const floating *x = <const floating *> xv.data
     cdef Py_ssize_t A = xv.n0, L = xv.n1, c
     cdef double m = <double> (A * _quot(L, C))
-    cdef double mean, invstd, dgamma, k, u1, u2
+    cdef double mean
     cdef double *shift = <double *> malloc(L * sizeof(double))
     cdef double *partial = <double *> calloc(2 * nchunks * L, sizeof(double))
     cdef double *sums = <double *> malloc(2 * C * sizeof(double))
@@ -778,7 +758,7 @@ cdef int _backward_relu_inner(Strided gv, Strided xv, Strided ov, Features f,
     for c in range(C):
         mean = f.mean[c]
         if f.training:
-            mean = _refined_mean(mean, f.mean_ulp[c], shift[c * B], sums[c], m)
+            mean = fbn_refined_mean(mean, f.mean_ulp[c], shift[c * B], sums[c], m)
         _forward_coefs(fcoef, L, c, mean, f.invstd[c], f.weight[c], f.bias[c])
         f.grads[c] = mean  # parked here until the gradients are known
     _tile_columns(fcoef, 4, L, C, B)
@@ -786,13 +766,9 @@ cdef int _backward_relu_inner(Strided gv, Strided xv, Strided ov, Features f,
         partial[c] = 0.0
     _relu_rows_all(gv, xv, ov, shift, partial, coef, fcoef, nchunks, True, f.training, threads)
     _fold_columns(partial, 2, nchunks, L, C, B, sums)
-    for c in range(C):
-        mean = f.grads[c]
-        invstd = f.invstd[c]
-        dgamma, k, u1, u2 = _grad_terms(sums[c], sums[C + c], shift[c * B], m, mean, invstd,
-                                        f.weight[c], f.training)
-        _store_grads(f.grads, C, coef, L, c, mean, invstd, dgamma, sums[c], k,
-                     u1, u2)
+    for c in range(C):  # f.grads[c] holds the mean until _grad_coefs overwrites it
+        _grad_coefs(sums[c], sums[C + c], shift[c * B], m, f.grads[c], f.invstd[c], f.weight[c],
+                    f.training, f.grads, C, coef, L, c)
     _tile_columns(coef, 5, L, C, B)
     _relu_rows_all(gv, xv, ov, shift, partial, coef, fcoef, nchunks, False, f.training, threads)
     free(shift); free(partial); free(sums)
@@ -971,7 +947,7 @@ cdef void _eval_coefficients(const double *running_mean, const double *running_v
                              const double *weight, const double *bias, double eps,
                              double *stats, floating *coef, Py_ssize_t C,
                              Py_ssize_t W) noexcept nogil:
-    # _store_stats of every feature, vectorized (_cy_runs_t.h)
+    # every feature's statistics and coefficients, vectorized (_cy_runs_t.h)
     if floating is float:
         finish_eval_f(running_mean, running_var, C, eps, weight, bias, stats, coef, W)
     else:

@@ -67,6 +67,15 @@ static inline double fbn_prescale_of(double mean, double invstd)
     return fbn_prescale(mean, 1.0 / (invstd * invstd));
 }
 
+/* In training, backward's mean is the float64 batch mean when the given one agrees with it
+ * within mean_ulp (see fastbn.reference.backward); sx = sum(x - shift). */
+static inline double fbn_refined_mean(double mean, double mean_ulp, double shift, double sx,
+                                      double m)
+{
+    double batch_mean = shift + sx / m;
+    return fabs(batch_mean - mean) <= mean_ulp ? batch_mean : mean;
+}
+
 /* partial (S, nchunks, L) -> per-feature sums (S, C) for views whose columns are features
  * (B == 1, L = k * C), added in the order of the general fold (_fold_columns in
  * _cy_kernels.pyx): block by block, tile by tile. Vectorized across features. */

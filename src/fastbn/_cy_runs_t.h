@@ -412,14 +412,15 @@ FBN_LOOP void FBN(relu_dx_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, const T *
     }
 }
 
-/* --- per-feature finishing of the feature-inner family ----------------------------------------
- * The statistics and coefficients of C features from their folded sums, as the Cython module's
- * _store_stats and _store_grads compute them one feature at a time (the outer family still
- * does), written as loops the compiler vectorizes: on NC 32x512 the scalar divisions and
- * square roots of 512 features took longer than the pass over the data. Division and sqrt are
- * correctly rounded in vector form too, so the bits are those of the scalar code. The
- * vectorized pass takes the prescale as 1; when a feature is not ordinary (fbn_ordinary) the
- * whole finishing runs again with the exact prescale, one feature at a time. */
+/* --- per-feature finishing ---------------------------------------------------------------
+ * The statistics and coefficients of one feature from its sums: the only copy of this math in
+ * the Cython backend (the feature-outer kernels call these one feature at a time, with exact
+ * = 1). The feature-inner kernels finish all features in loops the compiler vectorizes: on
+ * NC 32x512 the scalar divisions and square roots of 512 features took longer than the pass
+ * over the data. Division and sqrt are correctly rounded in vector form too, so the bits are
+ * those of the scalar code. The vectorized pass takes the prescale as 1 (exact = 0); when a
+ * feature is not ordinary (fbn_ordinary) the whole finishing runs again with the exact
+ * prescale, one feature at a time. */
 
 /* The forward's normalizing coefficients (4, W) of feature c, for invstd already rounded to T. */
 static inline void FBN(forward_coefs)(T *coef, fbn_idx W, fbn_idx c, double mean, double invstd,
@@ -452,13 +453,13 @@ static inline int FBN(stats_and_coefs)(double mean, double var, double eps, doub
     return !fbn_ordinary(mean, inv_t);
 }
 
-/* The same from feature c's sums around shift (sums (2, C): sum(x - shift), its squares). */
-static inline int FBN(forward_feature)(const double *sums, fbn_idx C, double shift, double m,
-                                       double eps, double weight, double bias, double *stats,
+/* The same from feature c's sums around shift: s1 = sum(x - shift), s2 = sum((x - shift)^2). */
+static inline int FBN(forward_feature)(double s1, double s2, double shift, double m, double eps,
+                                       double weight, double bias, double *stats, fbn_idx C,
                                        T *coef, fbn_idx W, fbn_idx c, int exact)
 {
-    double dm = sums[c] / m;
-    double var = sums[C + c] / m - dm * dm;
+    double dm = s1 / m;
+    double var = s2 / m - dm * dm;
     if (var < 0.0)  /* rounding only; written so that NaN passes through */
         var = 0.0;
     return FBN(stats_and_coefs)(shift + dm, var, eps, weight, bias, stats, C, coef, W, c, exact);
@@ -473,12 +474,12 @@ FBN_LOOP void FBN(finish_forward)(const double *sums, fbn_idx C, const double *s
     int odd = 0;
     #pragma omp simd reduction(|:odd)
     for (c = 0; c < C; c++)
-        odd |= FBN(forward_feature)(sums, C, shift[c * B], m, eps, weight[c], bias[c], stats,
-                                    coef, W, c, 0);
+        odd |= FBN(forward_feature)(sums[c], sums[C + c], shift[c * B], m, eps, weight[c],
+                                    bias[c], stats, C, coef, W, c, 0);
     if (odd)
         for (c = 0; c < C; c++)
-            FBN(forward_feature)(sums, C, shift[c * B], m, eps, weight[c], bias[c], stats, coef,
-                                 W, c, 1);
+            FBN(forward_feature)(sums[c], sums[C + c], shift[c * B], m, eps, weight[c], bias[c],
+                                 stats, C, coef, W, c, 1);
 }
 
 /* Eval mode: every feature's statistics and coefficients from the running ones (float64). */
@@ -498,24 +499,17 @@ FBN_LOOP void FBN(finish_eval)(const double *running_mean, const double *running
                                  C, coef, W, c, 1);
 }
 
-/* Feature c's gradients (grads (2, C): dgamma, dbeta) and dx coefficients (5, W) from sums
- * (3, C): sum(x - shift), sum(dy), sum(dy * (x - shift)). In training, mean is refined to the
- * batch mean when the two agree within mean_ulp (see fastbn.reference.backward). */
-static inline int FBN(backward_feature)(const double *sums, fbn_idx C, double shift, double m,
-                                        double mean, double mean_ulp, double invstd,
-                                        double weight, int training, double *grads, T *coef,
-                                        fbn_idx W, fbn_idx c, int exact)
+/* Feature c's gradients (grads (2, C): dgamma, dbeta) and dx coefficients (5, W) from sdy =
+ * sum(dy) and sdyx = sum(dy * (x - shift)), for the mean dx uses. Returns 1 where the feature
+ * is not ordinary. */
+static inline int FBN(grad_coefs)(double sdy, double sdyx, double shift, double m, double mean,
+                                  double invstd, double weight, int training, double *grads,
+                                  fbn_idx C, T *coef, fbn_idx W, fbn_idx c, int exact)
 {
-    double sdy = sums[C + c], sdyx = sums[2 * C + c];
-    double dgamma, k, u1 = 0.0, u2 = 0.0, s;
+    double dgamma = (sdyx - (mean - shift) * sdy) * invstd;
+    double k = weight * invstd;
+    double u1 = 0.0, u2 = 0.0, s;
     T hi;
-    if (training) {
-        double batch_mean = shift + sums[c] / m;
-        if (fabs(batch_mean - mean) <= mean_ulp)
-            mean = batch_mean;
-    }
-    dgamma = (sdyx - (mean - shift) * sdy) * invstd;
-    k = weight * invstd;
     if (training) {
         u1 = -invstd * dgamma / m;
         u2 = -sdy / m;
@@ -534,22 +528,51 @@ static inline int FBN(backward_feature)(const double *sums, fbn_idx C, double sh
     return !fbn_ordinary(mean, invstd);
 }
 
-FBN_LOOP void FBN(finish_backward)(const double *sums, fbn_idx C, const double *shift,
-                                   fbn_idx B, double m, const double *mean,
-                                   const double *mean_ulp, const double *invstd,
-                                   const double *weight, int training, double *grads, T *coef,
-                                   fbn_idx W)
+/* Feature c of backward from sums (3, C): sum(x - shift), sum(dy), sum(dy * (x - shift)); in
+ * training the mean is refined first (fbn_refined_mean). */
+static inline int FBN(backward_feature)(const double *sums, fbn_idx C, double shift, double m,
+                                        double mean, double mean_ulp, double invstd,
+                                        double weight, int training, double *grads, T *coef,
+                                        fbn_idx W, fbn_idx c, int exact)
+{
+    if (training)
+        mean = fbn_refined_mean(mean, mean_ulp, shift, sums[c], m);
+    return FBN(grad_coefs)(sums[C + c], sums[2 * C + c], shift, m, mean, invstd, weight,
+                           training, grads, C, coef, W, c, exact);
+}
+
+/* Every feature of backward; returns whether one is not ordinary. Called with training and
+ * exact as constants, so that the inlined branches fold and the loop vectorizes (a branch on
+ * training inside it kept GCC from vectorizing). */
+static inline int FBN(backward_features)(const double *sums, fbn_idx C, const double *shift,
+                                         fbn_idx B, double m, const double *mean,
+                                         const double *mean_ulp, const double *invstd,
+                                         const double *weight, int training, double *grads,
+                                         T *coef, fbn_idx W, int exact)
 {
     fbn_idx c;
     int odd = 0;
     #pragma omp simd reduction(|:odd)
     for (c = 0; c < C; c++)
         odd |= FBN(backward_feature)(sums, C, shift[c * B], m, mean[c], mean_ulp[c], invstd[c],
-                                     weight[c], training, grads, coef, W, c, 0);
+                                     weight[c], training, grads, coef, W, c, exact);
+    return odd;
+}
+
+FBN_LOOP void FBN(finish_backward)(const double *sums, fbn_idx C, const double *shift,
+                                   fbn_idx B, double m, const double *mean,
+                                   const double *mean_ulp, const double *invstd,
+                                   const double *weight, int training, double *grads, T *coef,
+                                   fbn_idx W)
+{
+    int odd = training
+        ? FBN(backward_features)(sums, C, shift, B, m, mean, mean_ulp, invstd, weight, 1,
+                                 grads, coef, W, 0)
+        : FBN(backward_features)(sums, C, shift, B, m, mean, mean_ulp, invstd, weight, 0,
+                                 grads, coef, W, 0);
     if (odd)
-        for (c = 0; c < C; c++)
-            FBN(backward_feature)(sums, C, shift[c * B], m, mean[c], mean_ulp[c], invstd[c],
-                                  weight[c], training, grads, coef, W, c, 1);
+        FBN(backward_features)(sums, C, shift, B, m, mean, mean_ulp, invstd, weight, training,
+                               grads, coef, W, 1);
 }
 
 #undef T
