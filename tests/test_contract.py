@@ -176,6 +176,56 @@ def test_read_only_and_list_inputs_are_accepted():
                                atol=1e-12)
 
 
+def _param_forms(v):
+    """v in every form a per-feature parameter may take: float32 and float64 are read as they
+    are, the rest converted. With v exact in float16, every form holds v's values."""
+    wide = np.repeat(v, 2)
+    ro = v.astype(np.float32)
+    ro.flags.writeable = False
+    return {"float32": v.astype(np.float32), "float16": v.astype(np.float16),
+            "big-endian float32": v.astype(">f4"), "strided": wide[::2],
+            "read-only float32": ro, "list": v.tolist()}
+
+
+@pytest.mark.parametrize("shape,axis", [((8, 6, 5), 1), ((7, 6), 1), ((4, 3, 6), -1)],
+                         ids=["outer", "inner", "channels-last"])
+@pytest.mark.parametrize("relu", [None, "relu"], ids=["plain", "relu"])
+def test_every_parameter_form_gives_the_same_results(shape, axis, relu):
+    """gamma, beta, the running statistics, mean and invstd as float32, float16, big-endian,
+    strided, read-only or lists: the same bits as contiguous arrays of the same values (the
+    Cython kernels convert float32 vectors themselves, NumPy the others; all exactly)."""
+    C = shape[axis]
+    x = make_x(shape, np.float32, seed=21)
+    dy = make_x(shape, np.float32, seed=22)
+    g64, b64 = 1 + np.arange(C) / 8, np.arange(C) / 16 - 0.125  # exact in float16
+    rm64, rv64 = np.arange(C) / 4 - 0.5, 1 + np.arange(C) / 2
+    fwd = fastbn.forward(x, g64, b64, axis=axis, activation=relu)
+    # mean and invstd stay float32 in every form: backward refines a mean to within one unit
+    # in the last place of its own dtype, so a float16 or float64 one is another question
+    m32, i32 = fwd.mean, fwd.invstd
+    stat_forms = {"big-endian float32": (m32.astype(">f4"), i32.astype(">f4")),
+                  "strided": (np.repeat(m32, 2)[::2], np.repeat(i32, 2)[::2]),
+                  "read-only float32": (m32.copy(), i32.copy())}
+    for a in stat_forms["read-only float32"]:
+        a.flags.writeable = False
+    expected_eval = fastbn.forward(x, g64, b64, axis=axis, training=False, running_mean=rm64,
+                                   running_var=rv64, activation=relu).y
+    expected_grads = fastbn.backward(dy, x, m32, i32, g64, b64, axis=axis, activation=relu)
+    forms = zip(*(_param_forms(v).items() for v in (g64, b64, rm64, rv64)))
+    for (form, g), (_, b), (_, rm), (_, rv) in forms:
+        where = f"{form} parameters, shape {shape}, axis {axis}, {relu}"
+        np.testing.assert_array_equal(fastbn.forward(x, g, b, axis=axis, activation=relu).y,
+                                      fwd.y, err_msg=where)
+        running = [np.array(r) if isinstance(r, list) else r for r in (rm, rv)]
+        got = fastbn.forward(x, g, b, axis=axis, training=False, running_mean=running[0],
+                             running_var=running[1], activation=relu).y
+        np.testing.assert_array_equal(got, expected_eval, err_msg=where)
+        mean, invstd = stat_forms.get(form, (m32, i32))
+        grads = fastbn.backward(dy, x, mean, invstd, g, b, axis=axis, activation=relu)
+        for name, a, e in zip(grads._fields, grads, expected_grads):
+            np.testing.assert_array_equal(a, e, err_msg=f"{name}: {where}")
+
+
 def test_backward_uses_given_mean_when_it_is_not_the_batch_mean():
     """The float64 refinement applies only to a mean that rounds from the batch mean."""
     x = make_x((8, 3), np.float64, seed=9)

@@ -167,9 +167,51 @@ cdef Strided _strided(cnp.ndarray arr):
 
 
 cdef inline double *_f64(cnp.ndarray arr):
-    """A C-contiguous float64 array's data (stats, grads, weight, bias: the dispatch layer
-    allocates or converts them so)."""
+    """A C-contiguous float64 array's data (stats, grads, mean_ulp: the dispatch layer
+    allocates them so)."""
     return <double *> cnp.PyArray_DATA(arr)
+
+
+cdef class _Params64:
+    """Per-feature parameters (weight, bias, mean, invstd, running statistics) as float64
+    pointers. They arrive contiguous, float32 or float64 (see fastbn._validate._vector): float64
+    ones are read in place, float32 ones converted here into memory this object owns, which
+    costs less than a NumPy conversion per vector on small calls (NC 32x512)."""
+    cdef double *buf
+    cdef Py_ssize_t C, used, capacity
+
+    def __cinit__(self, Py_ssize_t C, Py_ssize_t capacity):
+        self.C = C
+        self.capacity = capacity
+        self.used = 0
+        self.buf = NULL
+
+    def __dealloc__(self):
+        free(self.buf)
+
+    cdef const double *of(self, cnp.ndarray arr) except NULL:
+        cdef const float *src
+        cdef double *dst
+        cdef Py_ssize_t i
+        if not (cnp.PyArray_NDIM(arr) == 1 and cnp.PyArray_DIM(arr, 0) == self.C
+                and cnp.PyArray_ISCARRAY_RO(arr)):
+            raise ValueError("a per-feature parameter must be aligned and contiguous, (C,)")
+        if cnp.PyArray_TYPE(arr) == cnp.NPY_FLOAT64:
+            return <const double *> cnp.PyArray_DATA(arr)
+        if cnp.PyArray_TYPE(arr) != cnp.NPY_FLOAT32:
+            raise TypeError("a per-feature parameter must be float32 or float64")
+        if self.buf == NULL:
+            self.buf = <double *> malloc(max(1, self.C * self.capacity) * sizeof(double))
+            if self.buf == NULL:
+                raise MemoryError()
+        if self.used == self.capacity:
+            raise ValueError("more float32 parameters than _Params64 was sized for")
+        src = <const float *> cnp.PyArray_DATA(arr)
+        dst = self.buf + self.used * self.C
+        self.used += 1
+        for i in range(self.C):
+            dst[i] = src[i]
+        return dst
 
 
 cdef inline bint _is_float(cnp.ndarray arr):
@@ -188,15 +230,15 @@ cdef struct Features:
     bint training
 
 
-cdef Features _features(cnp.ndarray mean_in, cnp.ndarray mean_ulp, cnp.ndarray invstd_in,
-                        cnp.ndarray weight, cnp.ndarray bias, bint training,
-                        cnp.ndarray grads):
+cdef Features _features(_Params64 params, cnp.ndarray mean_in, cnp.ndarray mean_ulp,
+                        cnp.ndarray invstd_in, cnp.ndarray weight, cnp.ndarray bias,
+                        bint training, cnp.ndarray grads) except *:
     cdef Features f
-    f.mean = _f64(mean_in)
+    f.mean = params.of(mean_in)
     f.mean_ulp = _f64(mean_ulp)
-    f.invstd = _f64(invstd_in)
-    f.weight = _f64(weight)
-    f.bias = NULL if bias is None else _f64(bias)
+    f.invstd = params.of(invstd_in)
+    f.weight = params.of(weight)
+    f.bias = NULL if bias is None else params.of(bias)
     f.grads = _f64(grads)
     f.training = training
     return f
@@ -793,8 +835,9 @@ def forward_train_outer(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndarray w
                         bint relu, Py_ssize_t group):
     """Training forward on a (A, C, B) view, by groups of ``group`` adjacent features."""
     cdef Strided xv = _strided(x), yv = _strided(y)
-    cdef double *w = _f64(weight)
-    cdef double *b = _f64(bias)
+    cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 2)
+    cdef const double *w = params.of(weight)
+    cdef const double *b = params.of(bias)
     cdef double *st = _f64(stats)
     cdef void *cf = _data(coef)
     cdef bint f32 = _is_float(x)
@@ -815,8 +858,9 @@ def forward_train_inner(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndarray w
     """Training forward on a feature-inner view (A, L)."""
     cdef Strided xv = _strided(x), yv = _strided(y)
     cdef Py_ssize_t C = cnp.PyArray_DIM(weight, 0)
-    cdef double *w = _f64(weight)
-    cdef double *b = _f64(bias)
+    cdef _Params64 params = _Params64(C, 2)
+    cdef const double *w = params.of(weight)
+    cdef const double *b = params.of(bias)
     cdef double *st = _f64(stats)
     cdef void *cf = _data(coef)
     cdef bint f32 = _is_float(x)
@@ -862,7 +906,10 @@ def backward_outer(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx,
                    Py_ssize_t group):
     """Backward on (A, C, B) views, by groups of adjacent features."""
     cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
-    cdef Features f = _features(mean_in, mean_ulp, invstd_in, weight, None, training, grads)
+    # params owns any float32 vector's float64 copy: it must outlive the kernel
+    cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 3)
+    cdef Features f = _features(params, mean_in, mean_ulp, invstd_in, weight, None, training,
+                                grads)
     cdef void *cf = _data(coef)
     cdef bint f32 = _is_float(x)
     cdef double *sums = <double *> malloc(3 * xv.n1 * sizeof(double))
@@ -882,7 +929,10 @@ def backward_inner(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx,
     """Backward on feature-inner views (A, L)."""
     cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
     cdef Py_ssize_t C = cnp.PyArray_DIM(weight, 0)
-    cdef Features f = _features(mean_in, mean_ulp, invstd_in, weight, None, training, grads)
+    # params owns any float32 vector's float64 copy: it must outlive the kernel
+    cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 3)
+    cdef Features f = _features(params, mean_in, mean_ulp, invstd_in, weight, None, training,
+                                grads)
     cdef void *cf = _data(coef)
     cdef bint f32 = _is_float(x)
     cdef int status
@@ -900,7 +950,10 @@ def backward_relu_outer(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray 
                         cnp.ndarray grads, cnp.ndarray coef, cnp.ndarray fcoef):
     """Backward of relu(batch_norm(x)) on (A, C, B) views, per feature."""
     cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
-    cdef Features f = _features(mean_in, mean_ulp, invstd_in, weight, bias, training, grads)
+    # params owns any float32 vector's float64 copy: it must outlive the kernel
+    cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 4)
+    cdef Features f = _features(params, mean_in, mean_ulp, invstd_in, weight, bias, training,
+                                grads)
     cdef void *cf = _data(coef)
     cdef void *fc = _data(fcoef)
     cdef bint f32 = _is_float(x)
@@ -919,7 +972,10 @@ def backward_relu_inner(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray 
     """Backward of relu(batch_norm(x)) on feature-inner views (A, L)."""
     cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
     cdef Py_ssize_t C = cnp.PyArray_DIM(weight, 0)
-    cdef Features f = _features(mean_in, mean_ulp, invstd_in, weight, bias, training, grads)
+    # params owns any float32 vector's float64 copy: it must outlive the kernel
+    cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 4)
+    cdef Features f = _features(params, mean_in, mean_ulp, invstd_in, weight, bias, training,
+                                grads)
     cdef void *cf = _data(coef)
     cdef void *fc = _data(fcoef)
     cdef bint f32 = _is_float(x)
@@ -956,15 +1012,18 @@ cdef void _eval_coefficients(const double *running_mean, const double *running_v
 
 def eval_coefficients(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarray weight,
                       cnp.ndarray bias, double eps, cnp.ndarray stats, cnp.ndarray coef):
-    """Eval-mode statistics and coefficients from the running statistics (float64, (C,));
-    coef (4, W) gets them in its first C columns."""
+    """Eval-mode statistics and coefficients from the running statistics ((C,), float32 or
+    float64, contiguous); coef (4, W) gets them in its first C columns."""
     cdef Py_ssize_t C = cnp.PyArray_DIM(weight, 0), W = cnp.PyArray_DIM(coef, 1)
+    cdef _Params64 params = _Params64(C, 4)
+    cdef const double *rm = params.of(running_mean)
+    cdef const double *rv = params.of(running_var)
+    cdef const double *w = params.of(weight)
+    cdef const double *b = params.of(bias)
     if _is_float(coef):
-        _eval_coefficients(_f64(running_mean), _f64(running_var), _f64(weight), _f64(bias), eps,
-                           _f64(stats), <float *> _data(coef), C, W)
+        _eval_coefficients(rm, rv, w, b, eps, _f64(stats), <float *> _data(coef), C, W)
     else:
-        _eval_coefficients(_f64(running_mean), _f64(running_var), _f64(weight), _f64(bias), eps,
-                           _f64(stats), <double *> _data(coef), C, W)
+        _eval_coefficients(rm, rv, w, b, eps, _f64(stats), <double *> _data(coef), C, W)
 
 
 cdef void _update_running(floating *rm, Py_ssize_t sm, floating *rv, Py_ssize_t sv,

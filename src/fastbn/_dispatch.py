@@ -26,7 +26,7 @@ import threading
 import numpy as np
 
 from . import reference
-from ._validate import BACKENDS, is_half
+from ._validate import BACKENDS, as_param, is_half
 from ._common import BackwardResult, ForwardResult, stats_dtype, update_running_stats
 
 BACKEND_ENV = "FASTBN_BACKEND"
@@ -439,10 +439,16 @@ def _update_running(K, args, stats):
         update_running_stats(args, stats[0], stats[1])
 
 
-def _weight_bias(args, C):
-    weight = np.ones(C) if args.gamma is None else args.gamma
-    bias = np.zeros(C) if args.beta is None else args.beta
+def _weight_bias(args, C, cython):
+    weight = np.ones(C) if args.gamma is None else _for_backend(args.gamma, cython)
+    bias = np.zeros(C) if args.beta is None else _for_backend(args.beta, cython)
     return weight, bias
+
+
+def _for_backend(param, cython):
+    """A validated per-feature vector (float32 or float64, see _validate.as_param) as the
+    backend takes it: the Cython kernels read either, Numba's are compiled for float64."""
+    return param if cython else _vector64(param)
 
 
 def kernel_forward(backend, args):
@@ -457,7 +463,7 @@ def kernel_forward(backend, args):
     if cython:
         x_v = _aligned_input(x_v)
         y_v, written = _aligned_output(y_v)
-    weight, bias = _weight_bias(args, C)
+    weight, bias = _weight_bias(args, C, cython)
     coef = np.empty((4, p.shape[1] if p.inner else C), dtype=x.dtype)
     nchunks = _chunks(p.shape[0], x.nbytes)
     relu = args.activation == "relu"
@@ -473,8 +479,10 @@ def kernel_forward(backend, args):
                     stats, coef, relu, _group(p.shape, x.itemsize, threads))
         _update_running(K, args, stats)
     else:
-        K.eval_coefficients(_vector64(args.running_mean), _vector64(args.running_var),
-                            weight, bias, args.eps, stats, coef)
+        rm, rv = args.running_mean, args.running_var  # any floating (C,) array: validated
+        K.eval_coefficients(as_param(rm) if cython else _vector64(rm),
+                            as_param(rv) if cython else _vector64(rv), weight, bias, args.eps,
+                            stats, coef)
         if p.inner:
             K.tile_columns(coef, C, p.B)
             _launch(backend, threads, K.normalize_inner, x_v, y_v, coef, nchunks, relu)
@@ -504,7 +512,8 @@ def kernel_backward(backend, args):
         if cython:
             x_v, dy_v = _aligned_input(x_v), _aligned_input(dy_v)
             dx_v, written = _aligned_output(dx_v)
-        weight, bias = _weight_bias(args, C)
+        weight, bias = _weight_bias(args, C, cython)
+        mean, invstd = _for_backend(args.mean, cython), _for_backend(args.invstd, cython)
         width = p.shape[1] if p.inner else C
         coef = np.empty((5, width), dtype=x.dtype)
         nchunks = _chunks(p.shape[0], x.nbytes)
@@ -513,16 +522,15 @@ def kernel_backward(backend, args):
         if args.activation == "relu":
             # the forward's coefficients, rebuilt to find its mask
             fcoef = np.empty((4, width), dtype=x.dtype)
-            common = (args.mean, args.mean_ulp, args.invstd, weight, bias, args.training, grads,
-                      coef, fcoef)
+            common = (mean, args.mean_ulp, invstd, weight, bias, args.training, grads, coef,
+                      fcoef)
             if p.inner:
                 _launch(backend, threads, K.backward_relu_inner, dy_v, x_v, dx_v, *common,
                         nchunks, p.B)
             else:
                 _launch(backend, threads, K.backward_relu_outer, dy_v, x_v, dx_v, *common)
         else:
-            common = (args.mean, args.mean_ulp, args.invstd, weight, args.training, grads,
-                      coef)
+            common = (mean, args.mean_ulp, invstd, weight, args.training, grads, coef)
             if p.inner:
                 _launch(backend, threads, K.backward_inner, dy_v, x_v, dx_v, *common, nchunks,
                         p.B)

@@ -63,14 +63,23 @@ def _axis(axis, ndim):
 
 
 def _vector(value, name, C):
-    """A per-feature parameter (gamma, beta, mean, invstd) as a contiguous float64 vector of
-    length C, the form every kernel takes."""
+    """A per-feature parameter (gamma, beta, mean, invstd) as an aligned, contiguous float32 or
+    float64 vector of length C: as given when it is one (the Cython kernels read float32 ones
+    in C, cheaper than a NumPy conversion per call), else converted to float64."""
     arr = value if isinstance(value, np.ndarray) else _asarray_or_type_error(value, name)
     if arr.dtype.kind != "f":
         raise TypeError(f"{name} must be a floating array, got dtype {arr.dtype}")
     if arr.shape != (C,):
         raise ValueError(f"{name} must have shape ({C},) to match x's feature axis, "
                          f"got {arr.shape}")
+    return as_param(arr)
+
+
+def as_param(arr):
+    """A floating (C,) array as a per-feature parameter: itself when aligned, contiguous and
+    float32 or float64, else a float64 copy."""
+    if arr.dtype in FLOAT_DTYPES and arr.flags.c_contiguous and arr.flags.aligned:
+        return arr
     return np.ascontiguousarray(arr, dtype=np.float64)
 
 

@@ -59,8 +59,8 @@ def forward_checked(args):
         mean = args.running_mean.astype(np.float64)
         var = args.running_var.astype(np.float64)
     invstd = 1.0 / np.sqrt(var + args.eps)
-    gamma = 1.0 if args.gamma is None else args.gamma
-    beta = 0.0 if args.beta is None else args.beta
+    gamma = 1.0 if args.gamma is None else args.gamma.astype(np.float64)
+    beta = 0.0 if args.beta is None else args.beta.astype(np.float64)
     y64 = (x64 - mean) * (gamma * invstd) + beta
     if args.activation == "relu":
         y64 = np.where(y64 > 0, y64, np.where(np.isnan(y64), y64, 0.0))
@@ -76,21 +76,22 @@ def backward_checked(args):
     x64 = _channels_last64(args.x, args.axis)
     dy64 = _channels_last64(args.dy, args.axis)
     over = tuple(range(x64.ndim - 1))
-    mean = args.mean
+    mean = args.mean.astype(np.float64)
+    invstd = args.invstd.astype(np.float64)
     if args.training:
         batch_mean = x64.mean(axis=over)
         mean = np.where(np.abs(batch_mean - mean) <= args.mean_ulp, batch_mean, mean)
-    xhat = (x64 - mean) * args.invstd
-    gamma = 1.0 if args.gamma is None else args.gamma
+    xhat = (x64 - mean) * invstd
+    gamma = 1.0 if args.gamma is None else args.gamma.astype(np.float64)
     if args.activation == "relu":  # the gradient passes where the forward's output was > 0
-        beta = 0.0 if args.beta is None else args.beta
+        beta = 0.0 if args.beta is None else args.beta.astype(np.float64)
         dy64 = np.where(xhat * gamma + beta > 0, dy64, 0.0)
     dbeta = dy64.sum(axis=over)
     dgamma = (dy64 * xhat).sum(axis=over)
     if args.training:
-        dx64 = (gamma * args.invstd / args.m) * (args.m * dy64 - dbeta - xhat * dgamma)
+        dx64 = (gamma * invstd / args.m) * (args.m * dy64 - dbeta - xhat * dgamma)
     else:
-        dx64 = (gamma * args.invstd) * dy64
+        dx64 = (gamma * invstd) * dy64
     dx = _write(dx64, args, args.x)
     sdt = stats_dtype(args.x.dtype)
     return BackwardResult(dx, dgamma.astype(sdt), dbeta.astype(sdt))
