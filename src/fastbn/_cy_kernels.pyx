@@ -167,8 +167,8 @@ cdef Strided _strided(cnp.ndarray arr):
 
 
 cdef inline double *_f64(cnp.ndarray arr):
-    """A C-contiguous float64 array's data (stats, grads, mean_ulp: the dispatch layer
-    allocates them so)."""
+    """A C-contiguous float64 array's data (stats, grads: the dispatch layer allocates them
+    so)."""
     return <double *> cnp.PyArray_DATA(arr)
 
 
@@ -235,7 +235,7 @@ cdef Features _features(_Params64 params, cnp.ndarray mean_in, cnp.ndarray mean_
                         bint training, cnp.ndarray grads) except *:
     cdef Features f
     f.mean = params.of(mean_in)
-    f.mean_ulp = _f64(mean_ulp)
+    f.mean_ulp = params.of(mean_ulp)
     f.invstd = params.of(invstd_in)
     f.weight = params.of(weight)
     f.bias = NULL if bias is None else params.of(bias)
@@ -907,7 +907,7 @@ def backward_outer(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx,
     """Backward on (A, C, B) views, by groups of adjacent features."""
     cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
     # params owns any float32 vector's float64 copy: it must outlive the kernel
-    cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 3)
+    cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 4)
     cdef Features f = _features(params, mean_in, mean_ulp, invstd_in, weight, None, training,
                                 grads)
     cdef void *cf = _data(coef)
@@ -930,7 +930,7 @@ def backward_inner(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx,
     cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
     cdef Py_ssize_t C = cnp.PyArray_DIM(weight, 0)
     # params owns any float32 vector's float64 copy: it must outlive the kernel
-    cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 3)
+    cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 4)
     cdef Features f = _features(params, mean_in, mean_ulp, invstd_in, weight, None, training,
                                 grads)
     cdef void *cf = _data(coef)
@@ -951,7 +951,7 @@ def backward_relu_outer(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray 
     """Backward of relu(batch_norm(x)) on (A, C, B) views, per feature."""
     cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
     # params owns any float32 vector's float64 copy: it must outlive the kernel
-    cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 4)
+    cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 5)
     cdef Features f = _features(params, mean_in, mean_ulp, invstd_in, weight, bias, training,
                                 grads)
     cdef void *cf = _data(coef)
@@ -973,7 +973,7 @@ def backward_relu_inner(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray 
     cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
     cdef Py_ssize_t C = cnp.PyArray_DIM(weight, 0)
     # params owns any float32 vector's float64 copy: it must outlive the kernel
-    cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 4)
+    cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 5)
     cdef Features f = _features(params, mean_in, mean_ulp, invstd_in, weight, bias, training,
                                 grads)
     cdef void *cf = _data(coef)
