@@ -84,8 +84,27 @@ def test_half_matches_torch(name):
     np.testing.assert_allclose(db, b.grad.numpy(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.fixture(params=["best", "f16c", "software"])
+def half_path(request, backend):
+    """The Cython kernels' float16 conversion: the best this CPU has (AVX-512F here), F16C
+    with AVX, and the portable C loops; one this CPU lacks is skipped. Numba has one."""
+    if backend != "cython":
+        if request.param != "best":
+            pytest.skip("Numba has one float16 conversion (LLVM's)")
+        yield request.param
+        return
+    from fastbn import _cy_kernels
+
+    try:
+        if _cy_kernels.half_conversion(request.param) != request.param != "best":
+            pytest.skip(f"this CPU has no {request.param}")
+        yield request.param
+    finally:
+        _cy_kernels.half_conversion("best")
+
+
 @pytest.mark.parametrize("name", HALVES)
-def test_conversion_kernels_match_numpy_bit_for_bit(name, backend):
+def test_conversion_kernels_match_numpy_bit_for_bit(name, backend, half_path):
     """Round trips through the parallel conversion kernels equal NumPy's/ml_dtypes' casts,
     special values included: +-0, +-inf, NaN, subnormals, overflow, ties."""
     from fastbn import _dispatch
@@ -113,7 +132,7 @@ def test_strided_half_input(name):
 
 
 @pytest.mark.parametrize("name", HALVES)
-def test_conversion_kernels_on_every_half_and_random_float_bits(name, backend):
+def test_conversion_kernels_on_every_half_and_random_float_bits(name, backend, half_path):
     """Every one of the 65,536 half bit patterns to float32, and 2**21 random float32 bit
     patterns (all exponents, NaN payloads, subnormals) to half, against NumPy's casts."""
     from fastbn import _dispatch
@@ -123,7 +142,8 @@ def test_conversion_kernels_on_every_half_and_random_float_bits(name, backend):
     wide = np.empty(halves.shape, np.float32)
     _dispatch._convert(halves, wide, backend)
     # Exact bits, except that a signaling NaN may come back quiet (x86's hardware conversion,
-    # which Numba uses, sets the quiet bit; NumPy and the Cython loops keep it as it is).
+    # which Numba and the Cython kernels use where the CPU has it, sets the quiet bit; NumPy
+    # and the Cython software loops keep it as it is).
     expected_wide = halves.astype(np.float32).view(np.uint32)
     quiet = np.where(np.isnan(halves.astype(np.float32)), np.uint32(0x400000), np.uint32(0))
     np.testing.assert_array_equal(wide.view(np.uint32) | quiet, expected_wide | quiet)
