@@ -158,3 +158,47 @@ def test_conversion_kernels_on_every_half_and_random_float_bits(name, backend, h
     np.testing.assert_array_equal(narrow[~nan].view(np.uint16), expected[~nan].view(np.uint16))
     assert np.isnan(narrow[nan].astype(np.float32)).all()
     np.testing.assert_array_equal(np.signbit(narrow[nan]), np.signbit(floats[nan]))
+
+
+@pytest.mark.backends("cython")
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("shape", [(8, 7, 10, 10), (3, 5, 70)], ids=["NCHW", "NCL"])
+@pytest.mark.parametrize("relu", [None, "relu"], ids=["plain", "relu"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["new", "in-place"])
+def test_sliced_half_path_gives_the_whole_array_bits(name, shape, relu, in_place, backend,
+                                                     monkeypatch):
+    """Feature-outer half inputs on Cython go through float32 a few features at a time (here
+    two, the last slice one): every output and running statistic has the bits of the
+    whole-array conversion path, also when writing over x and dy."""
+    from fastbn import _cy_kernels, _dispatch
+
+    dtype = HALVES[name]
+    C = shape[1]
+    x = make_x(shape, dtype)
+    dy = make_x(shape, dtype, seed=7)
+    gamma, beta = params(C, np.float32)
+    monkeypatch.setattr(_dispatch, "HALF_SLICE_BYTES_PER_THREAD", 1)
+    monkeypatch.setattr(_dispatch, "get_num_threads", lambda: 2)
+    runs = []
+    real = _cy_kernels.convert_runs
+    monkeypatch.setattr(_cy_kernels, "convert_runs",
+                        lambda *a: runs.append(a[1].shape) or real(*a))
+
+    def run():
+        rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+        xs, dys = x.copy(), dy.copy()
+        fwd = fastbn.forward(xs, gamma, beta, running_mean=rm, running_var=rv, activation=relu,
+                             out=xs if in_place else None)
+        ev = fastbn.forward(x, gamma, beta, training=False, running_mean=rm, running_var=rv,
+                            activation=relu)
+        bwd = fastbn.backward(dys, x, fwd.mean, fwd.invstd, gamma, beta, activation=relu,
+                              out=dys if in_place else None)
+        return [fwd.y, fwd.mean, fwd.invstd, rm, rv, ev.y, *bwd]
+
+    sliced = run()
+    assert sorted({s[1] for s in runs}) == [1, 2]  # slices of two features and a last of one
+    monkeypatch.setattr(_dispatch, "_half_plan", lambda backend, args: None)
+    whole = run()
+    for i, (a, b) in enumerate(zip(sliced, whole)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=f"output {i}")

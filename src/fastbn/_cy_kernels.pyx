@@ -1084,6 +1084,33 @@ cdef _convert_arrays(int threads, cnp.ndarray src, cnp.ndarray dst, bint to_floa
         _convert(s, d, n, to_float, brain, threads)
 
 
+cdef void _convert_run(Strided sv, Strided dv, Py_ssize_t r, bint to_float,
+                       bint brain) noexcept nogil:
+    cdef Py_ssize_t a = r // sv.n1, c = r - a * sv.n1
+    if to_float:
+        fbn_half_to_float_run(<const uint16_t *> sv.data + a * sv.s0 + c * sv.s1,
+                              <float *> dv.data + a * dv.s0 + c * dv.s1, sv.n2, brain)
+    else:
+        fbn_float_to_half_run(<const float *> sv.data + a * sv.s0 + c * sv.s1,
+                              <uint16_t *> dv.data + a * dv.s0 + c * dv.s1, sv.n2, brain)
+
+
+def convert_runs(int threads, cnp.ndarray src, cnp.ndarray dst, bint brain):
+    """dst[a, c, :] = src[a, c, :] between half bit patterns (uint16; bfloat16 if ``brain``)
+    and float32, either way round, on (A, C, B) views whose last axis is contiguous: a slice of
+    features of an NCHW array and its float32 scratch (fastbn._dispatch, half precision)."""
+    cdef Strided sv = _strided(src), dv = _strided(dst)
+    cdef bint to_float = cnp.PyArray_TYPE(dst) == cnp.NPY_FLOAT32
+    cdef Py_ssize_t r, R = sv.n0 * sv.n1
+    with nogil:
+        if threads == 1:
+            for r in range(R):
+                _convert_run(sv, dv, r, to_float, brain)
+        else:
+            for r in prange(R, schedule="static", num_threads=threads):
+                _convert_run(sv, dv, r, to_float, brain)
+
+
 _HALF_PATHS = ("best", "avx512f", "f16c", "software")
 
 
