@@ -579,16 +579,11 @@ HALF_SLICE_BYTES_PER_THREAD = 2 * 2**20
 
 
 def _half_plan(backend, args):
-    """(plan, x's view) when args go the sliced way (see above), else None."""
+    """x's plan when args go the sliced way (see above), else None."""
     if backend != "cython" or args.m == 0:
         return None
     p = plan(args.x, args.axis)
-    if p.inner:
-        return None
-    x_v = p.view_of(args.x)
-    if x_v is None or x_v.strides[2] != x_v.itemsize or not x_v.flags.aligned:
-        return None
-    return p, x_v
+    return None if p.inner else p
 
 
 def _half_slices(shape3, threads):
@@ -615,78 +610,65 @@ def _slice_args(args, c0, c1, **arrays):
     return sub
 
 
-def _half_output(args, p, x):
-    """(output, its (A, C, B) view as uint16 bits, whether to copy it into args.out)."""
-    out, view, copy_back = p.output_view(args.out, x)
-    if view.strides[2] != view.itemsize or not view.flags.aligned:
+def _runs_view(view):
+    """view (A, C, B) as uint16 bits, or None where its runs are not contiguous and aligned."""
+    if view is None or view.strides[2] != view.itemsize or not view.flags.aligned:
         return None
-    return out, view.view(np.uint16), copy_back
+    return view.view(np.uint16)
 
 
-def _forward_half_sliced(backend, args, p, x_v):
-    x = args.x
+def _half_sliced(backend, args, p, names, run, rows):
+    """``run`` (_forward_slice or _backward_into) on float32 slices of the half arrays
+    ``names`` of args: (output in x's dtype, the slices' (rows, C) float64 results side by
+    side), or None where a view does not allow it (nothing written then)."""
+    bits = [_runs_view(p.view_of(getattr(args, name))) for name in names]
+    out, out_view, copy_back = p.output_view(args.out, args.x)
+    out_bits = _runs_view(out_view)
+    if out_bits is None or any(b is None for b in bits):
+        return None
     K = _kernels(backend)
-    brain = x.dtype.name == "bfloat16"
-    found = _half_output(args, p, x)
+    brain = args.x.dtype.name == "bfloat16"
+    A, C, B = p.shape
+    slices = _half_slices(p.shape, get_num_threads())
+    width = slices[0][1] - slices[0][0]
+    scratch = [np.empty((A, width, B), np.float32) for _ in range(len(names) + 1)]
+    results = np.empty((rows, C))
+    for c0, c1 in slices:
+        parts = [s[:, :c1 - c0] for s in scratch]  # the inputs', then the output's
+        threads = launch_threads(backend, "outer", "eval", parts[0].nbytes)
+        for src, part in zip(bits, parts):
+            _launch(backend, threads, K.convert_runs, src[:, c0:c1], part, brain)
+        sub = _slice_args(args, c0, c1, out=parts[-1], **dict(zip(names, parts)))
+        _, results[:, c0:c1] = run(backend, sub)
+        _launch(backend, threads, K.convert_runs, parts[-1], out_bits[:, c0:c1], brain)
+    if copy_back:
+        np.copyto(args.out, out)
+        out = args.out
+    return out, results
+
+
+def _forward_slice(backend, sub):
+    if sub.training:  # updated once, after the last slice
+        sub.running_mean = sub.running_var = None
+    return _forward_into(backend, sub)
+
+
+def _forward_half_sliced(backend, args, p):
+    found = _half_sliced(backend, args, p, ("x",), _forward_slice, 3)
     if found is None:
         return None
-    y, y_bits, copy_back = found
-    A, C, B = p.shape
-    threads = get_num_threads()
-    slices = _half_slices(p.shape, threads)
-    width = slices[0][1] - slices[0][0]
-    x32 = np.empty((A, width, B), np.float32)
-    y32 = np.empty((A, width, B), np.float32)
-    x_bits = x_v.view(np.uint16)
-    stats = np.empty((3, C))
-    for c0, c1 in slices:
-        xs, ys = x32[:, :c1 - c0], y32[:, :c1 - c0]
-        conv = launch_threads(backend, "outer", "eval", xs.nbytes)
-        _launch(backend, conv, K.convert_runs, x_bits[:, c0:c1], xs, brain)
-        sub = _slice_args(args, c0, c1, x=xs, out=ys)
-        if args.training:
-            sub.running_mean = sub.running_var = None  # updated once, below
-        _, stats[:, c0:c1] = _forward_into(backend, sub)
-        _launch(backend, conv, K.convert_runs, ys, y_bits[:, c0:c1], brain)
+    y, stats = found
     if args.training:
-        _update_running(K, args, stats)
-    if copy_back:
-        np.copyto(args.out, y)
-        y = args.out
+        _update_running(_kernels(backend), args, stats)
     both = stats[::2].astype(np.float32)
     return ForwardResult(y, both[0], both[1])
 
 
-def _backward_half_sliced(backend, args, p, x_v):
-    x = args.x
-    K = _kernels(backend)
-    brain = x.dtype.name == "bfloat16"
-    dy_v = p.view_of(args.dy)
-    if dy_v is None or dy_v.strides[2] != dy_v.itemsize or not dy_v.flags.aligned:
-        return None
-    found = _half_output(args, p, x)
+def _backward_half_sliced(backend, args, p):
+    found = _half_sliced(backend, args, p, ("x", "dy"), _backward_into, 2)
     if found is None:
         return None
-    dx, dx_bits, copy_back = found
-    A, C, B = p.shape
-    threads = get_num_threads()
-    slices = _half_slices(p.shape, threads)
-    width = slices[0][1] - slices[0][0]
-    x32, dy32, dx32 = (np.empty((A, width, B), np.float32) for _ in range(3))
-    x_bits, dy_bits = x_v.view(np.uint16), dy_v.view(np.uint16)
-    grads = np.empty((2, C))
-    for c0, c1 in slices:
-        n = c1 - c0
-        xs, dys, dxs = x32[:, :n], dy32[:, :n], dx32[:, :n]
-        conv = launch_threads(backend, "outer", "eval", xs.nbytes)
-        _launch(backend, conv, K.convert_runs, x_bits[:, c0:c1], xs, brain)
-        _launch(backend, conv, K.convert_runs, dy_bits[:, c0:c1], dys, brain)
-        _, grads[:, c0:c1] = _backward_into(backend, _slice_args(args, c0, c1, x=xs, dy=dys,
-                                                                 out=dxs))
-        _launch(backend, conv, K.convert_runs, dxs, dx_bits[:, c0:c1], brain)
-    if copy_back:
-        np.copyto(args.out, dx)
-        dx = args.out
+    dx, grads = found
     both = grads.astype(np.float32)
     return BackwardResult(dx, both[0], both[1])
 
@@ -747,7 +729,7 @@ def forward(args):
         return reference.forward_checked(args)
     if is_half(args.x.dtype):
         sliced = _half_plan(backend, args)
-        result = None if sliced is None else _forward_half_sliced(backend, args, *sliced)
+        result = None if sliced is None else _forward_half_sliced(backend, args, sliced)
         return result if result is not None else _via_float32(kernel_forward, backend, args,
                                                               "x")
     return kernel_forward(backend, args)
@@ -759,7 +741,7 @@ def backward(args):
         return reference.backward_checked(args)
     if is_half(args.x.dtype):
         sliced = _half_plan(backend, args)
-        result = None if sliced is None else _backward_half_sliced(backend, args, *sliced)
+        result = None if sliced is None else _backward_half_sliced(backend, args, sliced)
         return result if result is not None else _via_float32(kernel_backward, backend, args,
                                                               "x", "dy")
     return kernel_backward(backend, args)
