@@ -37,16 +37,16 @@ _KiB = 1024
 #: alone, by (backend, family, op); see :func:`launch_threads`. Measured with ``python -m
 #: fastbn.bench --crossover`` on the 2-core machine (bench/README.md has the table): the
 #: smallest size tried from which the team was not slower at any larger size, over NCHW
-#: (feature-outer) and NC and NHWC (feature-inner) scans. Waking the team costs about 4 us with
-#: OpenMP, and 20-40 us with Numba's feature-inner kernels, whose crossover is therefore far
-#: higher. Half-precision conversions use the "inner", "eval" figure (one elementwise pass).
+#: (feature-outer) and NC and NHWC (feature-inner) scans; Cython's are the median of three
+#: scans of the fourth session (its serial kernels got faster, and waking the team measured 4-6
+#: us). Numba's feature-inner kernels pay 20-40 us for their team, hence a far higher crossover. Half-precision conversions use the "inner", "eval" figure (one elementwise pass).
 PARALLEL_MIN_BYTES = {
-    ("cython", "outer", "forward"): 16 * _KiB,
-    ("cython", "outer", "eval"): 128 * _KiB,
-    ("cython", "outer", "backward"): 16 * _KiB,
-    ("cython", "inner", "forward"): 256 * _KiB,
-    ("cython", "inner", "eval"): 256 * _KiB,
-    ("cython", "inner", "backward"): 256 * _KiB,
+    ("cython", "outer", "forward"): 128 * _KiB,
+    ("cython", "outer", "eval"): 512 * _KiB,
+    ("cython", "outer", "backward"): 128 * _KiB,
+    ("cython", "inner", "forward"): 512 * _KiB,
+    ("cython", "inner", "eval"): 512 * _KiB,
+    ("cython", "inner", "backward"): 512 * _KiB,
     ("numba", "outer", "forward"): 256 * _KiB,
     ("numba", "outer", "eval"): 512 * _KiB,
     ("numba", "outer", "backward"): 128 * _KiB,
