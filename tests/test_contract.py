@@ -354,4 +354,7 @@ def test_crossover_point_is_where_the_team_stops_losing():
     rows.append(row("NHWC", 128, 1.0, 1.5))  # losing again at the largest size: never
     assert bench.crossover_points(rows)["cython", "inner", "eval"] is None
     table = bench.format_crossover(rows)
-    assert "| cython | inner | forward | never | 256 |" in table
+    from fastbn._dispatch import PARALLEL_MIN_BYTES  # the table shows the threshold in use
+
+    in_use = PARALLEL_MIN_BYTES["cython", "inner", "forward"] // 1024
+    assert f"| cython | inner | forward | never | {in_use} |" in table
