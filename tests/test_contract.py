@@ -358,3 +358,46 @@ def test_crossover_point_is_where_the_team_stops_losing():
 
     in_use = PARALLEL_MIN_BYTES["cython", "inner", "forward"] // 1024
     assert f"| cython | inner | forward | never | {in_use} |" in table
+
+
+@pytest.mark.backends("cython")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("shape,axis", [((37, 5, 3, 6), -1), ((50, 300), 1), ((9, 4096), 1)],
+                         ids=["NHWC", "NC", "NC-wide"])
+def test_streaming_stores_give_the_same_bits(backend, dtype, shape, axis):
+    """Outputs above stream_min_bytes are written through a buffer with non-temporal stores
+    (feature-inner row loops): the same bits as regular stores, for outputs at every alignment
+    (the stores need 16 bytes: the loops peel up to it), ReLU, training and eval."""
+    from fastbn import _cy_kernels
+
+    x = make_x(shape, dtype, seed=31)
+    dy = make_x(shape, dtype, seed=32)
+    C = shape[axis]
+    gamma, beta = 1 + np.arange(C) / C, np.arange(C) / C - 0.5
+    rm, rv = np.linspace(-1, 1, C), np.linspace(0.5, 2, C)
+
+    def outputs(offset):
+        buf = np.zeros(x.size + 4, dtype)
+        out = buf[offset:offset + x.size].reshape(shape)  # data misaligned by `offset` items
+        results = []
+        for relu in (None, "relu"):
+            fwd = fastbn.forward(x, gamma, beta, axis=axis, activation=relu, out=out)
+            results.append(fwd.y.copy())
+            results.append(fastbn.forward(x, gamma, beta, axis=axis, training=False,
+                                          running_mean=rm, running_var=rv, activation=relu,
+                                          out=out).y.copy())
+            bwd = fastbn.backward(dy, x, fwd.mean, fwd.invstd, gamma, beta, axis=axis,
+                                  activation=relu, out=out)
+            results.extend(a.copy() for a in bwd)
+        return results
+
+    before = _cy_kernels.stream_min_bytes()
+    try:
+        regular = [outputs(offset) for offset in range(3)]
+        _cy_kernels.stream_min_bytes(0)
+        streamed = [outputs(offset) for offset in range(3)]
+    finally:
+        _cy_kernels.stream_min_bytes(before)
+    for offset in range(3):
+        for i, (a, b) in enumerate(zip(regular[offset], streamed[offset])):
+            np.testing.assert_array_equal(a, b, err_msg=f"output {i}, offset {offset}")

@@ -79,16 +79,16 @@ cdef extern from "_cy_runs.h" nogil:
                                     double *p1, double *p2)
     void normalize_rows_f(const float *x, fbn_idx rs, fbn_idx cs, float *y, fbn_idx yrs,
                           fbn_idx ycs, fbn_idx a0, fbn_idx a1, fbn_idx L, const float *coef,
-                          int relu)
+                          int relu, int stream)
     void normalize_rows_d(const double *x, fbn_idx rs, fbn_idx cs, double *y, fbn_idx yrs,
                           fbn_idx ycs, fbn_idx a0, fbn_idx a1, fbn_idx L, const double *coef,
-                          int relu)
+                          int relu, int stream)
     void dx_rows_f(const float *dy, fbn_idx drs, fbn_idx dcs, const float *x, fbn_idx rs,
                    fbn_idx cs, float *dx, fbn_idx ors, fbn_idx ocs, fbn_idx a0, fbn_idx a1,
-                   fbn_idx L, const float *coef)
+                   fbn_idx L, const float *coef, int stream)
     void dx_rows_d(const double *dy, fbn_idx drs, fbn_idx dcs, const double *x, fbn_idx rs,
                    fbn_idx cs, double *dx, fbn_idx ors, fbn_idx ocs, fbn_idx a0, fbn_idx a1,
-                   fbn_idx L, const double *coef)
+                   fbn_idx L, const double *coef, int stream)
     void scale_rows_f(const float *dy, fbn_idx drs, fbn_idx dcs, float *dx, fbn_idx ors,
                       fbn_idx ocs, fbn_idx a0, fbn_idx a1, fbn_idx L, const float *k)
     void scale_rows_d(const double *dy, fbn_idx drs, fbn_idx dcs, double *dx, fbn_idx ors,
@@ -155,6 +155,23 @@ cdef struct Strided:
     char *data
     Py_ssize_t n0, n1, n2   # shape (n2 = 1 for 2-D views)
     Py_ssize_t s0, s1, s2   # strides in elements
+    bint stream             # as an output: large enough for non-temporal stores
+
+
+#: Outputs of at least this many bytes are written with non-temporal stores by the row loops
+#: of the feature-inner family (see _cy_runs.h): about half the 32 MiB L3 of the machine these
+#: were measured on, where an output cannot stay in cache for its consumer anyway. Regular
+#: stores below it, so that a small y is still in cache for the next layer.
+cdef Py_ssize_t _stream_min_bytes = 16 * 2**20
+
+
+def stream_min_bytes(n=None):
+    """From how many bytes an output is written with non-temporal stores; with ``n``, set that
+    first (the tests force both ways). Returns the value in force."""
+    global _stream_min_bytes
+    if n is not None:
+        _stream_min_bytes = n
+    return _stream_min_bytes
 
 
 cdef Strided _strided(cnp.ndarray arr):
@@ -168,6 +185,7 @@ cdef Strided _strided(cnp.ndarray arr):
     v.s0 = cnp.PyArray_STRIDE(arr, 0) // item if nd > 0 else 0
     v.s1 = cnp.PyArray_STRIDE(arr, 1) // item if nd > 1 else 0
     v.s2 = cnp.PyArray_STRIDE(arr, 2) // item if nd > 2 else 0
+    v.stream = cnp.PyArray_NBYTES(arr) >= _stream_min_bytes
     return v
 
 
@@ -342,22 +360,23 @@ cdef inline void _accumulate_backward_rows(const floating *dy, Py_ssize_t drs, P
 
 cdef inline void _normalize_rows(const floating *x, Py_ssize_t rs, Py_ssize_t cs, floating *y,
                                  Py_ssize_t yrs, Py_ssize_t ycs, Py_ssize_t a0, Py_ssize_t a1,
-                                 Py_ssize_t L, const floating *coef, bint relu) noexcept nogil:
+                                 Py_ssize_t L, const floating *coef, bint relu,
+                                 bint stream) noexcept nogil:
     if floating is float:
-        normalize_rows_f(x, rs, cs, y, yrs, ycs, a0, a1, L, coef, relu)
+        normalize_rows_f(x, rs, cs, y, yrs, ycs, a0, a1, L, coef, relu, stream)
     else:
-        normalize_rows_d(x, rs, cs, y, yrs, ycs, a0, a1, L, coef, relu)
+        normalize_rows_d(x, rs, cs, y, yrs, ycs, a0, a1, L, coef, relu, stream)
 
 
 cdef inline void _dx_rows(const floating *dy, Py_ssize_t drs, Py_ssize_t dcs, const floating *x,
                           Py_ssize_t rs, Py_ssize_t cs, floating *dx, Py_ssize_t ors,
                           Py_ssize_t ocs, Py_ssize_t a0, Py_ssize_t a1, Py_ssize_t L,
-                          const floating *coef, bint training) noexcept nogil:
+                          const floating *coef, bint training, bint stream) noexcept nogil:
     if training:
         if floating is float:
-            dx_rows_f(dy, drs, dcs, x, rs, cs, dx, ors, ocs, a0, a1, L, coef)
+            dx_rows_f(dy, drs, dcs, x, rs, cs, dx, ors, ocs, a0, a1, L, coef, stream)
         else:
-            dx_rows_d(dy, drs, dcs, x, rs, cs, dx, ors, ocs, a0, a1, L, coef)
+            dx_rows_d(dy, drs, dcs, x, rs, cs, dx, ors, ocs, a0, a1, L, coef, stream)
     else:  # eval: dx does not depend on x, so an Inf in x must not reach it
         if floating is float:
             scale_rows_f(dy, drs, dcs, dx, ors, ocs, a0, a1, L, coef + 2 * L)
@@ -665,11 +684,11 @@ cdef void _normalize_inner(Strided xv, Strided yv, const floating *coef, Py_ssiz
     cdef floating *y = <floating *> yv.data
     cdef Py_ssize_t A = xv.n0, L = xv.n1, t
     if threads == 1:
-        _normalize_rows(x, xv.s0, xv.s1, y, yv.s0, yv.s1, 0, A, L, coef, relu)
+        _normalize_rows(x, xv.s0, xv.s1, y, yv.s0, yv.s1, 0, A, L, coef, relu, yv.stream)
     else:
         for t in prange(nchunks, nogil=True, schedule="static", num_threads=threads):
             _normalize_rows(x, xv.s0, xv.s1, y, yv.s0, yv.s1, _row0(t, A, nchunks),
-                            _row0(t + 1, A, nchunks), L, coef, relu)
+                            _row0(t + 1, A, nchunks), L, coef, relu, yv.stream)
 
 
 cdef int _forward_train_inner(Strided xv, Strided yv, const double *weight, const double *bias,
@@ -713,7 +732,8 @@ cdef void _backward_rows(Strided gv, Strided xv, Strided ov, const double *shift
                                   partial + t * L, partial + (nchunks + t) * L,
                                   partial + (2 * nchunks + t) * L)
     else:
-        _dx_rows(dy, gv.s0, gv.s1, x, xv.s0, xv.s1, dx, ov.s0, ov.s1, a0, a1, L, coef, training)
+        _dx_rows(dy, gv.s0, gv.s1, x, xv.s0, xv.s1, dx, ov.s0, ov.s1, a0, a1, L, coef, training,
+                 ov.stream)
 
 
 cdef void _backward_rows_all(Strided gv, Strided xv, Strided ov, const double *shift,

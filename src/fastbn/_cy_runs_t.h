@@ -271,10 +271,34 @@ FBN_LOOP void FBN(accumulate_backward_rows)(const T *dy, fbn_idx drs, fbn_idx dc
  * element is computed by the same expression, so the bits do not depend on the blocking. */
 FBN_LOOP void FBN(normalize_rows)(const T *x, fbn_idx rs, fbn_idx cs, T *y, fbn_idx yrs,
                                        fbn_idx ycs, fbn_idx a0, fbn_idx a1, fbn_idx L,
-                                       const T *coef, int relu)
+                                       const T *coef, int relu, int stream)
 {
     const T *c0 = coef, *c1 = coef + L, *c2 = coef + 2 * L, *c3 = coef + 3 * L;
     fbn_idx a = a0, j;
+    if (stream && cs == 1 && ycs == 1) {  /* non-temporal stores: see _cy_runs.h */
+        T buf[FBN_STREAM_CHUNK];
+        fbn_idx j0, n;
+        for (; a < a1; a++) {
+            const T *xr = x + a * rs;
+            for (j0 = 0; j0 < L; j0 += FBN_STREAM_CHUNK) {
+                n = L - j0 < FBN_STREAM_CHUNK ? L - j0 : FBN_STREAM_CHUNK;
+                if (relu) {
+                    #pragma omp simd
+                    for (j = 0; j < n; j++)
+                        buf[j] = FBN(relu)(FBN(bn_value)(xr[j0 + j], c0[j0 + j], c1[j0 + j],
+                                                         c2[j0 + j], c3[j0 + j]));
+                } else {
+                    #pragma omp simd
+                    for (j = 0; j < n; j++)
+                        buf[j] = FBN(bn_value)(xr[j0 + j], c0[j0 + j], c1[j0 + j], c2[j0 + j],
+                                               c3[j0 + j]);
+                }
+                FBN(fbn_stream)(y + a * yrs + j0, buf, n);
+            }
+        }
+        fbn_sfence();
+        return;
+    }
     if (cs == 1 && ycs == 1) {
         for (; a + 4 <= a1; a += 4) {
             const T *x0 = x + a * rs, *x1 = x0 + rs, *x2 = x1 + rs, *x3 = x2 + rs;
@@ -324,11 +348,28 @@ FBN_LOOP void FBN(normalize_rows)(const T *x, fbn_idx rs, fbn_idx cs, T *y, fbn_
 
 FBN_LOOP void FBN(dx_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, const T *x, fbn_idx rs,
                                 fbn_idx cs, T *dx, fbn_idx ors, fbn_idx ocs, fbn_idx a0,
-                                fbn_idx a1, fbn_idx L, const T *coef)
+                                fbn_idx a1, fbn_idx L, const T *coef, int stream)
 {
     const T *c0 = coef, *c1 = coef + L, *c2 = coef + 2 * L, *c3 = coef + 3 * L,
             *c4 = coef + 4 * L;
     fbn_idx a = a0, j;
+    if (stream && cs == 1 && dcs == 1 && ocs == 1) {  /* non-temporal stores: see _cy_runs.h */
+        T buf[FBN_STREAM_CHUNK];
+        fbn_idx j0, n;
+        for (; a < a1; a++) {
+            const T *gr = dy + a * drs, *xr = x + a * rs;
+            for (j0 = 0; j0 < L; j0 += FBN_STREAM_CHUNK) {
+                n = L - j0 < FBN_STREAM_CHUNK ? L - j0 : FBN_STREAM_CHUNK;
+                #pragma omp simd
+                for (j = 0; j < n; j++)
+                    buf[j] = FBN(dx_value)(gr[j0 + j], xr[j0 + j], c0[j0 + j], c1[j0 + j],
+                                           c2[j0 + j], c3[j0 + j], c4[j0 + j]);
+                FBN(fbn_stream)(dx + a * ors + j0, buf, n);
+            }
+        }
+        fbn_sfence();
+        return;
+    }
     if (cs == 1 && dcs == 1 && ocs == 1) {
         for (; a + 4 <= a1; a += 4) {
             const T *g0 = dy + a * drs, *g1 = g0 + drs, *g2 = g1 + drs, *g3 = g2 + drs;
