@@ -202,3 +202,41 @@ def test_sliced_half_path_gives_the_whole_array_bits(name, shape, relu, in_place
     for i, (a, b) in enumerate(zip(sliced, whole)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=f"output {i}")
+
+
+@pytest.mark.backends("cython")
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("shape,axis", [((8, 7, 10, 10), 1), ((3, 5, 70), 1), ((8, 6, 6, 12), -1),
+                                        ((40, 300), 1)], ids=["NCHW", "NCL", "NHWC", "NC"])
+@pytest.mark.parametrize("relu", [None, "relu"], ids=["plain", "relu"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["new", "in-place"])
+def test_fused_half_inference_gives_the_float32_path_bits(name, shape, axis, relu, in_place,
+                                                          backend, monkeypatch):
+    """Inference on half x in one pass (normalize_half: a chunk at a time through float32)
+    has the bits of normalizing a float32 copy of x and rounding, on both kernel families."""
+    from fastbn import _cy_kernels, _dispatch
+
+    dtype = HALVES[name]
+    C = shape[axis]
+    x = make_x(shape, dtype)
+    gamma, beta = params(C, np.float32)
+    rm = np.linspace(-1, 1, C).astype(np.float32)
+    rv = np.linspace(0.5, 2, C).astype(np.float32)
+    calls = []
+    real = _cy_kernels.normalize_half
+    monkeypatch.setattr(_cy_kernels, "normalize_half", lambda *a: calls.append(1) or real(*a))
+
+    def run():
+        xs = x.copy()
+        res = fastbn.forward(xs, gamma, beta, axis=axis, training=False, running_mean=rm,
+                             running_var=rv, activation=relu, out=xs if in_place else None)
+        return [res.y, res.mean, res.invstd]
+
+    fused = run()
+    assert calls, "normalize_half did not run"
+    monkeypatch.setattr(_dispatch, "_eval_half_fused", lambda backend, args: None)
+    monkeypatch.setattr(_dispatch, "_half_plan", lambda backend, args: None)
+    whole = run()
+    for i, (a, b) in enumerate(zip(fused, whole)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=f"output {i}")

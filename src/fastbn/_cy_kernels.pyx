@@ -14,9 +14,10 @@ How the layers stack
   leading ``threads`` argument (1: the loops run without waking a thread team). The dispatch
   layer (:mod:`fastbn._dispatch`) validates nothing twice: arrays arrive with the right dtypes,
   shapes, aligned data and strides that are whole numbers of elements (it checks the last two).
-  Per-feature vectors may be float32 or float64 (``_Params64``). Two entry points have no
-  Numba twin: ``convert_runs`` (the sliced half-precision path, Cython only) and
-  ``half_conversion`` (which float16 conversion runs, for the tests).
+  Per-feature vectors may be float32 or float64 (``_Params64``). Three entry points have no
+  Numba twin: ``convert_runs`` and ``normalize_half`` (the half-precision paths that go
+  through float32 in cache, Cython only) and ``half_conversion`` (which float16 conversion
+  runs, for the tests).
 
 The math, the summation order of every reduction that has a fixed order (per-feature sums add
 runs sample by sample; feature-inner partials are folded in the same fixed order), and the
@@ -38,6 +39,11 @@ cdef extern from "_cy_runs.h" nogil:
     int fbn_half_path()
     void fbn_half_to_float_run(const uint16_t *src, float *dst, fbn_idx n, int brain)
     void fbn_float_to_half_run(const float *src, uint16_t *dst, fbn_idx n, int brain)
+    void fbn_normalize_half_run(const uint16_t *x, uint16_t *y, fbn_idx n, float s, float hi,
+                                float scale, float shift, int relu, int brain)
+    void fbn_normalize_half_rows(const uint16_t *x, fbn_idx rs, uint16_t *y, fbn_idx yrs,
+                                 fbn_idx a0, fbn_idx a1, fbn_idx L, const float *coef,
+                                 int relu, int brain)
     void shifted_sums_f(const float *x, fbn_idx n, fbn_idx st, double shift, double *out)
     void shifted_sums_d(const double *x, fbn_idx n, fbn_idx st, double shift, double *out)
     void backward_sums_f(const float *dy, fbn_idx sdy, const float *x, fbn_idx sx, fbn_idx n,
@@ -1132,6 +1138,45 @@ def convert_runs(int threads, cnp.ndarray src, cnp.ndarray dst, bint brain):
         else:
             for r in prange(R, schedule="static", num_threads=threads):
                 _convert_run(sv, dv, r, to_float, brain)
+
+
+cdef void _normalize_half_block(Strided xv, Strided yv, const float *coef, bint relu,
+                                bint brain, Py_ssize_t t, Py_ssize_t nchunks) noexcept nogil:
+    """Block t of nchunks: rows of a feature-inner view (A, L), or (a, c) runs of a feature-
+    outer one (A, C, B) when yv.n2 > 1; x and y half bit patterns, contiguous runs/rows."""
+    cdef Py_ssize_t r, a, c, R
+    if xv.n2 > 1:
+        R = xv.n0 * xv.n1
+        for r in range(_row0(t, R, nchunks), _row0(t + 1, R, nchunks)):
+            a = r // xv.n1
+            c = r - a * xv.n1
+            fbn_normalize_half_run(<const uint16_t *> xv.data + a * xv.s0 + c * xv.s1,
+                                   <uint16_t *> yv.data + a * yv.s0 + c * yv.s1, xv.n2,
+                                   coef[c], coef[xv.n1 + c], coef[2 * xv.n1 + c],
+                                   coef[3 * xv.n1 + c], relu, brain)
+    else:
+        fbn_normalize_half_rows(<const uint16_t *> xv.data, xv.s0, <uint16_t *> yv.data, yv.s0,
+                                _row0(t, xv.n0, nchunks), _row0(t + 1, xv.n0, nchunks), xv.n1,
+                                coef, relu, brain)
+
+
+def normalize_half(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndarray coef, bint relu,
+                   bint brain, Py_ssize_t nchunks):
+    """Inference forward on half data (uint16 bit patterns; bfloat16 if ``brain``), converted
+    through float32 a chunk at a time: feature-outer views (A, C, B) with coef (4, C), or
+    feature-inner ones (A, L) with coef (4, L) tiled; unit stride within runs/rows. Split in
+    ``nchunks`` blocks (of rows, or of (a, c) runs), shared by the team. Cython only (the
+    dispatch layer's half-precision notes)."""
+    cdef Strided xv = _strided(x), yv = _strided(y)
+    cdef const float *cf = <const float *> _data(coef)
+    cdef Py_ssize_t t
+    with nogil:
+        if threads == 1:
+            for t in range(nchunks):
+                _normalize_half_block(xv, yv, cf, relu, brain, t, nchunks)
+        else:
+            for t in prange(nchunks, schedule="static", num_threads=threads):
+                _normalize_half_block(xv, yv, cf, relu, brain, t, nchunks)
 
 
 _HALF_PATHS = ("best", "avx512f", "f16c", "software")

@@ -350,4 +350,59 @@ static void fbn_float_to_half_run(const float *src, uint16_t *dst, fbn_idx n, in
     for (i = 0; i < n; i++) dst[i] = fbn_float_to_half(src[i]);
 }
 
+
+/* --- inference on half-precision data, fused -------------------------------------------------
+ * y = bn(x) with x and y as half bit patterns: each chunk of FBN_STREAM_CHUNK values is
+ * converted into a float buffer, normalized there by the float32 expression (bn_value_f, the
+ * same bits as the float32 kernels on a float32 copy of x) and rounded back. One pass over the
+ * half data, where going through float32 arrays moved 3x its bytes. */
+
+/* The normalization of one chunk, vectorized for the CPU at hand (coefficients per value). */
+FBN_LOOP void fbn_normalize_chunk(float *buf, fbn_idx m, const float *c0, const float *c1,
+                                  const float *c2, const float *c3, int relu)
+{
+    fbn_idx j;
+    if (relu) {
+        #pragma omp simd
+        for (j = 0; j < m; j++)
+            buf[j] = relu_f(bn_value_f(buf[j], c0[j], c1[j], c2[j], c3[j]));
+    } else {
+        #pragma omp simd
+        for (j = 0; j < m; j++)
+            buf[j] = bn_value_f(buf[j], c0[j], c1[j], c2[j], c3[j]);
+    }
+}
+
+/* Run of n values, one feature's coefficients s, hi, scale, shift (feature-outer views). */
+static void fbn_normalize_half_run(const uint16_t *x, uint16_t *y, fbn_idx n, float s, float hi,
+                                   float scale, float shift, int relu, int brain)
+{
+    float buf[FBN_STREAM_CHUNK];
+    fbn_idx b0, m;
+    for (b0 = 0; b0 < n; b0 += FBN_STREAM_CHUNK) {
+        m = n - b0 < FBN_STREAM_CHUNK ? n - b0 : FBN_STREAM_CHUNK;
+        fbn_half_to_float_run(x + b0, buf, m, brain);
+        normalize_run_f(buf, 1, buf, 1, m, s, hi, scale, shift, relu);
+        fbn_float_to_half_run(buf, y + b0, m, brain);
+    }
+}
+
+/* Rows a0..a1 of L contiguous values each (feature-inner views), coef (4, L) tiled. */
+static void fbn_normalize_half_rows(const uint16_t *x, fbn_idx rs, uint16_t *y, fbn_idx yrs,
+                                    fbn_idx a0, fbn_idx a1, fbn_idx L, const float *coef,
+                                    int relu, int brain)
+{
+    float buf[FBN_STREAM_CHUNK];
+    fbn_idx a, j0, m;
+    for (a = a0; a < a1; a++) {
+        for (j0 = 0; j0 < L; j0 += FBN_STREAM_CHUNK) {
+            m = L - j0 < FBN_STREAM_CHUNK ? L - j0 : FBN_STREAM_CHUNK;
+            fbn_half_to_float_run(x + a * rs + j0, buf, m, brain);
+            fbn_normalize_chunk(buf, m, coef + j0, coef + L + j0, coef + 2 * L + j0,
+                                coef + 3 * L + j0, relu);
+            fbn_float_to_half_run(buf, y + a * yrs + j0, m, brain);
+        }
+    }
+}
+
 #endif

@@ -566,6 +566,8 @@ def _backward_into(backend, args):
 #   the half output, so memory sees x (and dy) read once and the output written once, in half.
 #   Each feature's results are those of the whole-array path, bit for bit (statistics are per
 #   feature and the kernels' sums do not depend on grouping).
+# - Inference (Cython) needs no statistics: normalize_half converts, normalizes and rounds back
+#   a chunk at a time in one pass over the half data, on either family.
 # - Otherwise (feature-inner views, whose features cannot be sliced without striding through
 #   every row; Numba; views that need a copy) whole arrays are converted to float32 (in their
 #   own memory order, by parallel conversion kernels): float32 temporaries of x, dy in
@@ -645,6 +647,48 @@ def _half_sliced(backend, args, p, names, run, rows):
         np.copyto(args.out, out)
         out = args.out
     return out, results
+
+
+def _unit_stride_bits(view):
+    """A half view as uint16 bits, or None where its last axis is not contiguous and aligned."""
+    if view is None or view.strides[-1] != view.itemsize or not view.flags.aligned:
+        return None
+    return view.view(np.uint16)
+
+
+def _eval_half_fused(backend, args):
+    """Inference forward on half x by normalize_half (see above), or None where the views do
+    not allow it (nothing written then)."""
+    if backend != "cython" or args.x.size == 0:
+        return None
+    x = args.x
+    p = plan(x, args.axis)
+    x_bits = _unit_stride_bits(p.view_of(x))
+    y, y_v, copy_back = p.output_view(args.out, x)
+    y_bits = _unit_stride_bits(y_v)
+    if x_bits is None or y_bits is None:
+        return None
+    K = _kernels(backend)
+    C = args.C
+    weight, bias = _weight_bias(args, C, True)
+    coef = np.empty((4, p.shape[1] if p.inner else C), np.float32)
+    stats = np.empty((3, C))
+    K.eval_coefficients(as_param(args.running_mean), as_param(args.running_var), weight, bias,
+                        args.eps, stats, coef)
+    family = "inner" if p.inner else "outer"
+    if p.inner:
+        K.tile_columns(coef, C, p.B)
+        blocks = _chunks(p.shape[0], x.nbytes)
+    else:  # blocks of (a, c) runs: elementwise, so the bits do not depend on them
+        blocks = min(p.shape[0] * p.shape[1], MAX_CHUNKS)
+    threads = launch_threads(backend, family, "eval", x.nbytes)
+    _launch(backend, threads, K.normalize_half, x_bits, y_bits, coef,
+            args.activation == "relu", x.dtype.name == "bfloat16", blocks)
+    if copy_back:
+        np.copyto(args.out, y)
+        y = args.out
+    both = stats[::2].astype(np.float32)
+    return ForwardResult(y, both[0], both[1])
 
 
 def _forward_slice(backend, sub):
@@ -728,6 +772,9 @@ def forward(args):
     if backend == "reference":
         return reference.forward_checked(args)
     if is_half(args.x.dtype):
+        result = None if args.training else _eval_half_fused(backend, args)
+        if result is not None:
+            return result
         sliced = _half_plan(backend, args)
         result = None if sliced is None else _forward_half_sliced(backend, args, sliced)
         return result if result is not None else _via_float32(kernel_forward, backend, args,
