@@ -612,9 +612,10 @@ def _slice_args(args, c0, c1, **arrays):
     return sub
 
 
-def _runs_view(view):
-    """view (A, C, B) as uint16 bits, or None where its runs are not contiguous and aligned."""
-    if view is None or view.strides[2] != view.itemsize or not view.flags.aligned:
+def _unit_stride_bits(view):
+    """A half view as uint16 bits, or None where its last axis (runs of (A, C, B), rows of
+    (A, L)) is not contiguous and aligned."""
+    if view is None or view.strides[-1] != view.itemsize or not view.flags.aligned:
         return None
     return view.view(np.uint16)
 
@@ -623,9 +624,9 @@ def _half_sliced(backend, args, p, names, run, rows):
     """``run`` (_forward_slice or _backward_into) on float32 slices of the half arrays
     ``names`` of args: (output in x's dtype, the slices' (rows, C) float64 results side by
     side), or None where a view does not allow it (nothing written then)."""
-    bits = [_runs_view(p.view_of(getattr(args, name))) for name in names]
+    bits = [_unit_stride_bits(p.view_of(getattr(args, name))) for name in names]
     out, out_view, copy_back = p.output_view(args.out, args.x)
-    out_bits = _runs_view(out_view)
+    out_bits = _unit_stride_bits(out_view)
     if out_bits is None or any(b is None for b in bits):
         return None
     K = _kernels(backend)
@@ -647,13 +648,6 @@ def _half_sliced(backend, args, p, names, run, rows):
         np.copyto(args.out, out)
         out = args.out
     return out, results
-
-
-def _unit_stride_bits(view):
-    """A half view as uint16 bits, or None where its last axis is not contiguous and aligned."""
-    if view is None or view.strides[-1] != view.itemsize or not view.flags.aligned:
-        return None
-    return view.view(np.uint16)
 
 
 def _eval_half_fused(backend, args):
@@ -767,18 +761,29 @@ def _via_float32(run, backend, args, *names):
     return result._replace(**{result._fields[0]: out})
 
 
+def _forward_half(backend, args):
+    """forward on half x by the first of the paths above (half-precision notes) that the
+    backend and the views allow."""
+    result = None if args.training else _eval_half_fused(backend, args)
+    if result is None:
+        p = _half_plan(backend, args)
+        result = None if p is None else _forward_half_sliced(backend, args, p)
+    return result if result is not None else _via_float32(kernel_forward, backend, args, "x")
+
+
+def _backward_half(backend, args):
+    p = _half_plan(backend, args)
+    result = None if p is None else _backward_half_sliced(backend, args, p)
+    return result if result is not None else _via_float32(kernel_backward, backend, args, "x",
+                                                          "dy")
+
+
 def forward(args):
     backend = resolve_backend(args.backend)
     if backend == "reference":
         return reference.forward_checked(args)
     if is_half(args.x.dtype):
-        result = None if args.training else _eval_half_fused(backend, args)
-        if result is not None:
-            return result
-        sliced = _half_plan(backend, args)
-        result = None if sliced is None else _forward_half_sliced(backend, args, sliced)
-        return result if result is not None else _via_float32(kernel_forward, backend, args,
-                                                              "x")
+        return _forward_half(backend, args)
     return kernel_forward(backend, args)
 
 
@@ -787,8 +792,5 @@ def backward(args):
     if backend == "reference":
         return reference.backward_checked(args)
     if is_half(args.x.dtype):
-        sliced = _half_plan(backend, args)
-        result = None if sliced is None else _backward_half_sliced(backend, args, sliced)
-        return result if result is not None else _via_float32(kernel_backward, backend, args,
-                                                              "x", "dy")
+        return _backward_half(backend, args)
     return kernel_backward(backend, args)
