@@ -162,14 +162,18 @@ def test_conversion_kernels_on_every_half_and_random_float_bits(name, backend, h
 
 @pytest.mark.backends("cython")
 @pytest.mark.parametrize("name", HALVES)
-@pytest.mark.parametrize("shape", [(8, 7, 10, 10), (3, 5, 70)], ids=["NCHW", "NCL"])
+@pytest.mark.parametrize("shape", [(8, 7, 10, 10), (2, 7, 32, 32), (3, 5, 70)],
+                         ids=["NCHW", "NCHW-groups", "NCL"])
 @pytest.mark.parametrize("relu", [None, "relu"], ids=["plain", "relu"])
 @pytest.mark.parametrize("in_place", [False, True], ids=["new", "in-place"])
-def test_sliced_half_path_gives_the_whole_array_bits(name, shape, relu, in_place, backend,
-                                                     monkeypatch):
-    """Feature-outer half inputs on Cython go through float32 a few features at a time (here
-    two, the last slice one): every output and running statistic has the bits of the
-    whole-array conversion path, also when writing over x and dy."""
+def test_feature_outer_half_training_gives_the_whole_array_bits(name, shape, relu, in_place,
+                                                                backend, monkeypatch):
+    """Training on feature-outer half inputs goes through float32 in cache (forward and
+    backward by groups of features, the ReLU backward by slices): every output and running
+    statistic has the bits of the whole-array conversion path, also when writing over x and
+    dy. With 16 KiB of scratch per thread, NCHW-groups (1024-value runs) has forward groups of
+    two features (the last of one) and ReLU-backward slices of four and three; the others
+    one feature per group (runs under 4 KiB) and one slice."""
     from fastbn import _cy_kernels, _dispatch
 
     dtype = HALVES[name]
@@ -177,29 +181,35 @@ def test_sliced_half_path_gives_the_whole_array_bits(name, shape, relu, in_place
     x = make_x(shape, dtype)
     dy = make_x(shape, dtype, seed=7)
     gamma, beta = params(C, np.float32)
-    monkeypatch.setattr(_dispatch, "HALF_SLICE_BYTES_PER_THREAD", 1)
+    monkeypatch.setattr(_dispatch, "HALF_SLICE_BYTES_PER_THREAD", 16 * 1024)
     monkeypatch.setattr(_dispatch, "get_num_threads", lambda: 2)
-    runs = []
-    real = _cy_kernels.convert_runs
-    monkeypatch.setattr(_cy_kernels, "convert_runs",
-                        lambda *a: runs.append(a[1].shape) or real(*a))
+    grouped = shape == (2, 7, 32, 32)
+    seen = []
+    for kern in ("forward_train_half_outer", "backward_half_outer", "convert_runs"):
+        real = getattr(_cy_kernels, kern)
+        monkeypatch.setattr(_cy_kernels, kern,
+                            lambda *a, kern=kern, real=real: seen.append((kern, a)) or real(*a))
 
     def run():
         rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
         xs, dys = x.copy(), dy.copy()
         fwd = fastbn.forward(xs, gamma, beta, running_mean=rm, running_var=rv, activation=relu,
                              out=xs if in_place else None)
-        ev = fastbn.forward(x, gamma, beta, training=False, running_mean=rm, running_var=rv,
-                            activation=relu)
         bwd = fastbn.backward(dys, x, fwd.mean, fwd.invstd, gamma, beta, activation=relu,
                               out=dys if in_place else None)
-        return [fwd.y, fwd.mean, fwd.invstd, rm, rv, ev.y, *bwd]
+        return [fwd.y, fwd.mean, fwd.invstd, rm, rv, *bwd]
 
-    sliced = run()
-    assert sorted({s[1] for s in runs}) == [1, 2]  # slices of two features and a last of one
+    fast = run()
+    kernels = {k for k, _ in seen}
+    assert [a[-1] for k, a in seen if k == "forward_train_half_outer"] == [2 if grouped else 1]
+    if relu:
+        widths = sorted({a[1].shape[1] for k, a in seen if k == "convert_runs"})
+        assert widths == ([3, 4] if grouped else [C])
+    else:
+        assert "backward_half_outer" in kernels and "convert_runs" not in kernels
     monkeypatch.setattr(_dispatch, "_half_plan", lambda backend, args: None)
     whole = run()
-    for i, (a, b) in enumerate(zip(sliced, whole)):
+    for i, (a, b) in enumerate(zip(fast, whole)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=f"output {i}")
 

@@ -24,7 +24,7 @@ runs sample by sample; feature-inner partials are folded in the same fixed order
 form of every elementwise expression are those of the Numba kernels; see that module's notes.
 """
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.stdlib cimport calloc, malloc, free
 from libc.string cimport memcpy
 
@@ -1177,6 +1177,151 @@ def normalize_half(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndarray coef, 
         else:
             for t in prange(nchunks, schedule="static", num_threads=threads):
                 _normalize_half_block(xv, yv, cf, relu, brain, t, nchunks)
+
+
+# --- half precision, feature-outer training: a group of features at a time through float32 --
+# The group's runs are converted into float32 scratch of the thread's own, and the float32
+# path's steps run on it, in its order (_forward_group, _backward_group): the same bits as
+# converting whole arrays, with the half data read and written once and the float32 data in
+# cache.
+
+cdef inline float *_half_run_to_scratch(Strided v, float *scratch, Py_ssize_t a, Py_ssize_t c,
+                                        Py_ssize_t c0, Py_ssize_t n, bint brain) noexcept nogil:
+    """Run (a, c) of a half (A, C, B) view converted into its place in scratch (A, n, B)."""
+    cdef float *run = scratch + (a * n + c - c0) * v.n2
+    fbn_half_to_float_run(<const uint16_t *> v.data + a * v.s0 + c * v.s1, run, v.n2, brain)
+    return run
+
+
+cdef void _forward_half_group(Strided xv, Strided yv, const double *weight, const double *bias,
+                              double eps, double *stats, float *coef, bint relu, bint brain,
+                              Py_ssize_t c0, Py_ssize_t c1, double *sums,
+                              float *buf) noexcept nogil:
+    """Features c0..c1 through buf, the thread's scratch of (A, c1 - c0, B) floats."""
+    cdef Py_ssize_t A = xv.n0, C = xv.n1, B = xv.n2, n = c1 - c0, a, c
+    cdef float *run
+    cdef double r[2]
+    for c in range(c0, c1):
+        sums[2 * c] = 0.0
+        sums[2 * c + 1] = 0.0
+    for a in range(A):
+        for c in range(c0, c1):
+            run = _half_run_to_scratch(xv, buf, a, c, c0, n, brain)
+            _shifted_sums(run, B, 1, buf[(c - c0) * B], r)
+            sums[2 * c] += r[0]
+            sums[2 * c + 1] += r[1]
+    for c in range(c0, c1):
+        _forward_feature(sums[2 * c], sums[2 * c + 1], buf[(c - c0) * B], <double> (A * B), eps,
+                         weight[c], bias[c], stats, C, coef, C, c)
+    for a in range(A):
+        for c in range(c0, c1):
+            run = buf + (a * n + c - c0) * B
+            _normalize_run(run, 1, run, 1, B, coef, C, c, relu)
+            fbn_float_to_half_run(run, <uint16_t *> yv.data + a * yv.s0 + c * yv.s1, B, brain)
+
+
+def forward_train_half_outer(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndarray weight,
+                             cnp.ndarray bias, double eps, cnp.ndarray stats, cnp.ndarray coef,
+                             bint relu, bint brain, Py_ssize_t group):
+    """Training forward on half (A, C, B) views (uint16 bits, contiguous runs; bfloat16 if
+    ``brain``), ``group`` features at a time through float32 scratch; coef (4, C) float32."""
+    cdef Strided xv = _strided(x), yv = _strided(y)
+    cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 2)
+    cdef const double *w = params.of(weight)
+    cdef const double *b = params.of(bias)
+    cdef double *st = _f64(stats)
+    cdef float *cf = <float *> _data(coef)
+    cdef Py_ssize_t C = xv.n1, g, ngroups = (C + group - 1) // group
+    cdef Py_ssize_t per_thread = max(1, xv.n0 * group * xv.n2)  # scratch floats
+    cdef double *sums = <double *> malloc(2 * C * sizeof(double))
+    cdef float *scratch = <float *> malloc(max(1, threads) * per_thread * sizeof(float))
+    if sums == NULL or scratch == NULL:
+        free(sums); free(scratch)
+        _checked(-1)
+    with nogil:
+        if threads == 1:
+            for g in range(ngroups):
+                _forward_half_group(xv, yv, w, b, eps, st, cf, relu, brain, g * group,
+                                    min(C, (g + 1) * group), sums, scratch)
+        else:
+            for g in prange(ngroups, schedule="static", num_threads=threads):
+                _forward_half_group(xv, yv, w, b, eps, st, cf, relu, brain, g * group,
+                                    min(C, (g + 1) * group), sums,
+                                    scratch + threadid() * per_thread)
+        free(sums)
+        free(scratch)
+
+
+cdef void _backward_half_group(Strided gv, Strided xv, Strided ov, Features f, float *coef,
+                               bint brain, Py_ssize_t c0, Py_ssize_t c1, double *sums,
+                               float *xbuf) noexcept nogil:
+    """Features c0..c1 through xbuf, the thread's scratch of 2 (A, c1 - c0, B) floats."""
+    cdef Py_ssize_t A = xv.n0, C = xv.n1, B = xv.n2, n = c1 - c0, a, c
+    cdef float *gbuf = xbuf + A * n * B
+    cdef float *xr
+    cdef float *gr
+    cdef double m = <double> (A * B)
+    cdef double r[3]
+    cdef double shift, mean
+    for c in range(c0, c1):
+        sums[3 * c] = 0.0
+        sums[3 * c + 1] = 0.0
+        sums[3 * c + 2] = 0.0
+    for a in range(A):
+        for c in range(c0, c1):
+            xr = _half_run_to_scratch(xv, xbuf, a, c, c0, n, brain)
+            gr = _half_run_to_scratch(gv, gbuf, a, c, c0, n, brain)
+            _backward_sums(gr, 1, xr, 1, B, xbuf[(c - c0) * B], r)
+            sums[3 * c] += r[0]
+            sums[3 * c + 1] += r[1]
+            sums[3 * c + 2] += r[2]
+    for c in range(c0, c1):
+        shift = xbuf[(c - c0) * B]
+        mean = f.mean[c]
+        if f.training:
+            mean = fbn_refined_mean(mean, f.mean_ulp[c], shift, sums[3 * c], m)
+        _grad_coefs(sums[3 * c + 1], sums[3 * c + 2], shift, m, mean, f.invstd[c], f.weight[c],
+                    f.training, f.grads, C, coef, C, c)
+    for a in range(A):
+        for c in range(c0, c1):
+            xr = xbuf + (a * n + c - c0) * B
+            gr = gbuf + (a * n + c - c0) * B
+            if f.training:  # dx written over dy's scratch
+                _dx_run(gr, 1, xr, 1, gr, 1, B, coef, C, c)
+            else:
+                _scale_run(gr, 1, gr, 1, B, coef[2 * C + c])
+            fbn_float_to_half_run(gr, <uint16_t *> ov.data + a * ov.s0 + c * ov.s1, B, brain)
+
+
+def backward_half_outer(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx,
+                        cnp.ndarray mean_in, cnp.ndarray mean_ulp, cnp.ndarray invstd_in,
+                        cnp.ndarray weight, bint training, cnp.ndarray grads, cnp.ndarray coef,
+                        bint brain, Py_ssize_t group):
+    """Backward on half (A, C, B) views as forward_train_half_outer; coef (5, C) float32."""
+    cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
+    cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 4)
+    cdef Features f = _features(params, mean_in, mean_ulp, invstd_in, weight, None, training,
+                                grads)
+    cdef float *cf = <float *> _data(coef)
+    cdef Py_ssize_t C = xv.n1, g, ngroups = (C + group - 1) // group
+    cdef Py_ssize_t per_thread = max(1, 2 * xv.n0 * group * xv.n2)  # scratch floats
+    cdef double *sums = <double *> malloc(3 * C * sizeof(double))
+    cdef float *scratch = <float *> malloc(max(1, threads) * per_thread * sizeof(float))
+    if sums == NULL or scratch == NULL:
+        free(sums); free(scratch)
+        _checked(-1)
+    with nogil:
+        if threads == 1:
+            for g in range(ngroups):
+                _backward_half_group(gv, xv, ov, f, cf, brain, g * group,
+                                     min(C, (g + 1) * group), sums, scratch)
+        else:
+            for g in prange(ngroups, schedule="static", num_threads=threads):
+                _backward_half_group(gv, xv, ov, f, cf, brain, g * group,
+                                     min(C, (g + 1) * group), sums,
+                                     scratch + threadid() * per_thread)
+        free(sums)
+        free(scratch)
 
 
 _HALF_PATHS = ("best", "avx512f", "f16c", "software")

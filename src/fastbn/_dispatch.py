@@ -561,27 +561,29 @@ def _backward_into(backend, args):
 # --- half precision ------------------------------------------------------------------------------
 # The kernels have no float16/bfloat16 arithmetic: half inputs run through the float32 kernels,
 # with float32 statistics as PyTorch computes them on the CPU, and the result is rounded back.
-# - Feature-outer views on the Cython backend go a slice of features at a time: the slice is
-#   converted into float32 scratch small enough to stay in cache, run, and rounded back into
-#   the half output, so memory sees x (and dy) read once and the output written once, in half.
-#   Each feature's results are those of the whole-array path, bit for bit (statistics are per
-#   feature and the kernels' sums do not depend on grouping).
-# - Inference (Cython) needs no statistics: normalize_half converts, normalizes and rounds back
-#   a chunk at a time in one pass over the half data, on either family.
-# - Otherwise (feature-inner views, whose features cannot be sliced without striding through
-#   every row; Numba; views that need a copy) whole arrays are converted to float32 (in their
-#   own memory order, by parallel conversion kernels): float32 temporaries of x, dy in
-#   backward, and the output, up to 6x the bytes of x.
+# On the Cython backend, where the views have contiguous runs (rows):
+# - inference needs no statistics: normalize_half converts, normalizes and rounds back a chunk
+#   at a time in one pass over the half data, on either family;
+# - training on feature-outer views (NCHW, NCL, ...): forward_train_half_outer and
+#   backward_half_outer convert each thread's group of features into float32 scratch that
+#   stays in cache, run the float32 steps on it and round the output back, so memory sees x
+#   (and dy) read once and the output written once, in half; the backward of ReLU goes a slice
+#   of features at a time through the float32 kernels instead (convert_runs). Statistics are
+#   per feature and the sums do not depend on grouping: every result has the bits of the
+#   whole-array path below.
+# Otherwise (feature-inner training, Numba, views that need a copy) whole arrays are converted
+# to float32 (in their own memory order, by parallel conversion kernels): float32 temporaries
+# of x, dy in backward, and the output, up to 6x the bytes of x.
 
-#: Float32 scratch per thread for one slice of features (x's slice; the output's, and dy's in
-#: backward, as much again). Measured on float16 NCHW 32x64x56x56 and 64x128x28x28, 256 KiB to
-#: 4 MiB: 2 MiB was best or within 10% of it on one and two threads (smaller slices pay more
-#: calls; larger ones fall out of cache).
+#: Float32 scratch per thread for one group or slice of features. Measured for slices (x's; the
+#: output's, and dy's in backward, as much again) on float16 NCHW 32x64x56x56 and 64x128x28x28,
+#: 256 KiB to 4 MiB: 2 MiB was best or within 10% of it on one and two threads (smaller slices
+#: pay more calls; larger ones fall out of cache).
 HALF_SLICE_BYTES_PER_THREAD = 2 * 2**20
 
 
 def _half_plan(backend, args):
-    """x's plan when args go the sliced way (see above), else None."""
+    """x's plan when args go one of the feature-outer training paths (see above), else None."""
     if backend != "cython" or args.m == 0:
         return None
     p = plan(args.x, args.axis)
@@ -620,14 +622,15 @@ def _unit_stride_bits(view):
     return view.view(np.uint16)
 
 
-def _half_sliced(backend, args, p, names, run, rows):
-    """``run`` (_forward_slice or _backward_into) on float32 slices of the half arrays
-    ``names`` of args: (output in x's dtype, the slices' (rows, C) float64 results side by
-    side), or None where a view does not allow it (nothing written then)."""
+def _backward_half_sliced(backend, args, p):
+    """Backward of ReLU on half x and dy of a feature-outer plan, through float32 slices of
+    features (convert_runs, the float32 kernels, convert_runs back), or None where a view does
+    not allow it (nothing written then)."""
+    names = ("x", "dy")
     bits = [_unit_stride_bits(p.view_of(getattr(args, name))) for name in names]
-    out, out_view, copy_back = p.output_view(args.out, args.x)
-    out_bits = _unit_stride_bits(out_view)
-    if out_bits is None or any(b is None for b in bits):
+    dx, dx_view, copy_back = p.output_view(args.out, args.x)
+    dx_bits = _unit_stride_bits(dx_view)
+    if dx_bits is None or any(b is None for b in bits):
         return None
     K = _kernels(backend)
     brain = args.x.dtype.name == "bfloat16"
@@ -635,19 +638,20 @@ def _half_sliced(backend, args, p, names, run, rows):
     slices = _half_slices(p.shape, get_num_threads())
     width = slices[0][1] - slices[0][0]
     scratch = [np.empty((A, width, B), np.float32) for _ in range(len(names) + 1)]
-    results = np.empty((rows, C))
+    grads = np.empty((2, C))
     for c0, c1 in slices:
-        parts = [s[:, :c1 - c0] for s in scratch]  # the inputs', then the output's
+        parts = [s[:, :c1 - c0] for s in scratch]  # x's, dy's, then dx's
         threads = launch_threads(backend, "outer", "eval", parts[0].nbytes)
         for src, part in zip(bits, parts):
             _launch(backend, threads, K.convert_runs, src[:, c0:c1], part, brain)
         sub = _slice_args(args, c0, c1, out=parts[-1], **dict(zip(names, parts)))
-        _, results[:, c0:c1] = run(backend, sub)
-        _launch(backend, threads, K.convert_runs, parts[-1], out_bits[:, c0:c1], brain)
+        _, grads[:, c0:c1] = _backward_into(backend, sub)
+        _launch(backend, threads, K.convert_runs, parts[-1], dx_bits[:, c0:c1], brain)
     if copy_back:
-        np.copyto(args.out, out)
-        out = args.out
-    return out, results
+        np.copyto(args.out, dx)
+        dx = args.out
+    both = grads.astype(np.float32)
+    return BackwardResult(dx, both[0], both[1])
 
 
 def _eval_half_fused(backend, args):
@@ -685,28 +689,62 @@ def _eval_half_fused(backend, args):
     return ForwardResult(y, both[0], both[1])
 
 
-def _forward_slice(backend, sub):
-    if sub.training:  # updated once, after the last slice
-        sub.running_mean = sub.running_var = None
-    return _forward_into(backend, sub)
+def _outer_half_group(p, threads, arrays):
+    """Features per group of the fused half kernels: float32 scratch of ``arrays`` (A, group,
+    B) arrays within HALF_SLICE_BYTES_PER_THREAD (see _group)."""
+    return _group(p.shape, 4 * arrays, threads, HALF_SLICE_BYTES_PER_THREAD)
 
 
-def _forward_half_sliced(backend, args, p):
-    found = _half_sliced(backend, args, p, ("x",), _forward_slice, 3)
-    if found is None:
+def _forward_half_outer(backend, args, p):
+    """Training forward on half x of a feature-outer plan by forward_train_half_outer, or
+    None where the views do not allow it (nothing written then)."""
+    x = args.x
+    x_bits = _unit_stride_bits(p.view_of(x))
+    y, y_v, copy_back = p.output_view(args.out, x)
+    y_bits = _unit_stride_bits(y_v)
+    if x_bits is None or y_bits is None:
         return None
-    y, stats = found
-    if args.training:
-        _update_running(_kernels(backend), args, stats)
+    K = _kernels(backend)
+    C = args.C
+    weight, bias = _weight_bias(args, C, True)
+    coef = np.empty((4, C), np.float32)
+    stats = np.empty((3, C))
+    threads = launch_threads(backend, "outer", "forward", 2 * x.nbytes)  # the float32 work's
+    _launch(backend, threads, K.forward_train_half_outer, x_bits, y_bits, weight, bias,
+            args.eps, stats, coef, args.activation == "relu", x.dtype.name == "bfloat16",
+            _outer_half_group(p, threads, 1))
+    _update_running(K, args, stats)
+    if copy_back:
+        np.copyto(args.out, y)
+        y = args.out
     both = stats[::2].astype(np.float32)
     return ForwardResult(y, both[0], both[1])
 
 
-def _backward_half_sliced(backend, args, p):
-    found = _half_sliced(backend, args, p, ("x", "dy"), _backward_into, 2)
-    if found is None:
+def _backward_half_outer(backend, args, p):
+    """Backward (without ReLU) on half x and dy of a feature-outer plan by
+    backward_half_outer, or None where the views do not allow it (nothing written then)."""
+    if args.activation == "relu":
         return None
-    dx, grads = found
+    x = args.x
+    x_bits = _unit_stride_bits(p.view_of(x))
+    dy_bits = _unit_stride_bits(p.view_of(args.dy))
+    dx, dx_v, copy_back = p.output_view(args.out, x)
+    dx_bits = _unit_stride_bits(dx_v)
+    if x_bits is None or dy_bits is None or dx_bits is None:
+        return None
+    K = _kernels(backend)
+    C = args.C
+    weight, _ = _weight_bias(args, C, True)
+    coef = np.empty((5, C), np.float32)
+    grads = np.zeros((2, C))
+    threads = launch_threads(backend, "outer", "backward", 2 * x.nbytes)
+    _launch(backend, threads, K.backward_half_outer, dy_bits, x_bits, dx_bits, args.mean,
+            args.mean_ulp, args.invstd, weight, args.training, grads, coef,
+            x.dtype.name == "bfloat16", _outer_half_group(p, threads, 2))
+    if copy_back:
+        np.copyto(args.out, dx)
+        dx = args.out
     both = grads.astype(np.float32)
     return BackwardResult(dx, both[0], both[1])
 
@@ -765,15 +803,19 @@ def _forward_half(backend, args):
     """forward on half x by the first of the paths above (half-precision notes) that the
     backend and the views allow."""
     result = None if args.training else _eval_half_fused(backend, args)
-    if result is None:
+    if result is None and args.training:
         p = _half_plan(backend, args)
-        result = None if p is None else _forward_half_sliced(backend, args, p)
+        result = None if p is None else _forward_half_outer(backend, args, p)
     return result if result is not None else _via_float32(kernel_forward, backend, args, "x")
 
 
 def _backward_half(backend, args):
     p = _half_plan(backend, args)
-    result = None if p is None else _backward_half_sliced(backend, args, p)
+    result = None
+    if p is not None:
+        result = _backward_half_outer(backend, args, p)
+        if result is None:
+            result = _backward_half_sliced(backend, args, p)
     return result if result is not None else _via_float32(kernel_backward, backend, args, "x",
                                                           "dy")
 
