@@ -14,10 +14,10 @@ How the layers stack
   leading ``threads`` argument (1: the loops run without waking a thread team). The dispatch
   layer (:mod:`fastbn._dispatch`) validates nothing twice: arrays arrive with the right dtypes,
   shapes, aligned data and strides that are whole numbers of elements (it checks the last two).
-  Per-feature vectors may be float32 or float64 (``_Params64``). Three entry points have no
-  Numba twin: ``convert_runs`` and ``normalize_half`` (the half-precision paths that go
-  through float32 in cache, Cython only) and ``half_conversion`` (which float16 conversion
-  runs, for the tests).
+  Per-feature vectors may be float32 or float64 (``_Params64``). Five entry points have no
+  Numba twin: ``forward_train_half_outer``, ``backward_half_outer``, ``normalize_half`` and
+  ``convert_runs`` (the half-precision paths that go through float32 in cache, Cython only)
+  and ``half_conversion`` (which float16 conversion runs, for the tests).
 
 The math, the summation order of every reduction that has a fixed order (per-feature sums add
 runs sample by sample; feature-inner partials are folded in the same fixed order), and the
