@@ -401,3 +401,33 @@ def test_streaming_stores_give_the_same_bits(backend, dtype, shape, axis):
     for offset in range(3):
         for i, (a, b) in enumerate(zip(regular[offset], streamed[offset])):
             np.testing.assert_array_equal(a, b, err_msg=f"output {i}, offset {offset}")
+
+
+def test_streaming_threshold_is_the_last_level_cache(monkeypatch):
+    """The Cython kernels stream outputs of at least the largest cache's size (sysfs), read
+    as the kernel writes it ("32768K", "1M"); without sysfs, the default."""
+    import builtins
+    from fastbn import _dispatch
+
+    assert _dispatch.last_level_cache_bytes() > 0
+    cy = _dispatch._import_cython()
+    if cy is not None:
+        assert cy.stream_min_bytes() == _dispatch.last_level_cache_bytes()
+    sizes = {0: "32K", 1: "32K", 2: "1024K", 3: "32768K"}
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        if str(path).startswith("/sys/devices/system/cpu/cpu0/cache/index"):
+            index = int(str(path).split("index")[1].split("/")[0])
+            if index not in sizes:
+                raise FileNotFoundError(path)
+            import io
+            return io.StringIO(sizes[index] + "\n")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert _dispatch.last_level_cache_bytes() == 32 * 2**20
+    sizes[3] = "2M"
+    assert _dispatch.last_level_cache_bytes() == 2 * 2**20
+    sizes.clear()
+    assert _dispatch.last_level_cache_bytes(default=123) == 123
