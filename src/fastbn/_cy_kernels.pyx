@@ -165,10 +165,10 @@ cdef struct Strided:
 
 
 #: Outputs of at least this many bytes are written with non-temporal stores by the row loops
-#: of the feature-inner family (see _cy_runs.h). The dispatch layer sets it to the last-level
-#: cache's size when it loads this module (fastbn._dispatch.last_level_cache_bytes): a larger
-#: output cannot stay in cache for its consumer anyway; a smaller one may.
-cdef Py_ssize_t _stream_min_bytes = 32 * 2**20
+#: of the feature-inner family (see _cy_runs.h). The dispatch layer sets it to 3/4 of the
+#: last-level cache when it loads this module (fastbn._dispatch.last_level_cache_bytes): a
+#: larger output mostly cannot stay in cache for its consumer anyway; a smaller one may.
+cdef Py_ssize_t _stream_min_bytes = 24 * 2**20
 
 
 def stream_min_bytes(n=None):

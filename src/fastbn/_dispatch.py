@@ -83,22 +83,21 @@ def _import_cython():
         except ImportError:
             _cython_kernels = False
         else:
-            _cy_kernels.stream_min_bytes(last_level_cache_bytes())
+            _cy_kernels.stream_min_bytes(last_level_cache_bytes() * 3 // 4)
             _cython_kernels = _cy_kernels
     return _cython_kernels or None
 
 
 def last_level_cache_bytes(default=32 * 2**20):
-    """The largest cache of CPU 0 (Linux sysfs; ``default`` elsewhere): outputs of at least
-    this size are written with non-temporal stores by the Cython feature-inner kernels, since
-    they cannot stay in cache for the next operation anyway. A smaller output gets regular
-    stores, which leave part of it in cache for its consumer (a ReLU, the next layer) at the
-    price of the read-for-ownership: streaming it measured faster alone (NHWC 32x56x56x64,
-    25.7 MB: eval 0.87x -> 0.73x the copy), but in a ResNet-block step the difference was
-    within the step's noise (+-10 ms between identical configurations over 21-25 interleaved
-    steps), so the threshold stays where streaming cannot lose. glibc's
-    sysconf(_SC_LEVEL3_CACHE_SIZE) reported 384 MiB on the test VM (the socket's), hence
-    sysfs (32 MiB there)."""
+    """The largest cache of CPU 0 (Linux sysfs; ``default`` elsewhere). The Cython
+    feature-inner kernels write outputs of at least 3/4 of it with non-temporal stores, glibc's
+    rule for memcpy: such an output mostly cannot stay in cache for its consumer anyway, and
+    streaming saves its read-for-ownership (NHWC 32x56x56x64, 25.7 MB with a 32 MiB L3: eval
+    0.87x -> 0.73x the copy, forward 1.56x -> 1.50x). Smaller outputs keep regular stores,
+    which leave part of them in cache for the next operation. In a ResNet-block step the two
+    choices could not be told apart (+-10 ms noise between identical configurations over
+    21-25 interleaved steps). glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) reported 384 MiB on the
+    test VM (the socket's), hence sysfs (32 MiB there)."""
     best = 0
     for index in range(8):
         try:
