@@ -268,9 +268,9 @@ def test_default_backend_is_the_measured_fastest(monkeypatch):
                         or real(backend, threads, kern, *a))
     monkeypatch.delenv("FASTBN_BACKEND")
     fastbn.forward(np.ones((4, 3), np.float32))
-    fastbn.forward(np.ones((4, 3), np.float16))  # the convert-in, normalize, convert-out launches
+    fastbn.forward(np.ones((4, 3), np.float16))
     expected = "fastbn._cy_kernels" if "cython" in names else "fastbn._numba_kernels"
-    assert seen == [expected] * 4
+    assert len(seen) >= 2 and set(seen) == {expected}  # float16: one fused or three launches
 
 
 def test_docstring_examples_run():

@@ -250,3 +250,47 @@ def test_fused_half_inference_gives_the_float32_path_bits(name, shape, axis, rel
     for i, (a, b) in enumerate(zip(fused, whole)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=f"output {i}")
+
+
+@pytest.mark.backends("cython")
+@pytest.mark.parametrize("name", HALVES)
+@pytest.mark.parametrize("shape,axis", [((8, 6, 6, 12), -1), ((37, 1030), 1), ((3, 4, 5, 6), 1)],
+                         ids=["NHWC", "NC-ragged", "inner-runs"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval-backward"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["new", "in-place"])
+def test_feature_inner_half_training_gives_the_whole_array_bits(name, shape, axis, training,
+                                                                in_place, backend,
+                                                                monkeypatch):
+    """Training on feature-inner half inputs (forward_train_half_inner, backward_half_inner:
+    the float32 row loops on converted chunks of up to four rows) has the bytes of the
+    whole-array path: rows not a multiple of four, rows longer than a chunk (1030 values),
+    features with runs of several values (B > 1), in place, eval-mode backward."""
+    from fastbn import _cy_kernels, _dispatch
+
+    dtype = HALVES[name]
+    C = shape[axis]
+    x = make_x(shape, dtype)
+    dy = make_x(shape, dtype, seed=7)
+    gamma, beta = params(C, np.float32)
+    seen = []
+    for kern in ("forward_train_half_inner", "backward_half_inner"):
+        real = getattr(_cy_kernels, kern)
+        monkeypatch.setattr(_cy_kernels, kern,
+                            lambda *a, kern=kern, real=real: seen.append(kern) or real(*a))
+
+    def run():
+        rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
+        xs, dys = x.copy(), dy.copy()
+        fwd = fastbn.forward(xs, gamma, beta, axis=axis, running_mean=rm, running_var=rv,
+                             out=xs if in_place else None)
+        bwd = fastbn.backward(dys, x, fwd.mean, fwd.invstd, gamma, beta, axis=axis,
+                              training=training, out=dys if in_place else None)
+        return [fwd.y, fwd.mean, fwd.invstd, rm, rv, *bwd]
+
+    fast = run()
+    assert seen == ["forward_train_half_inner", "backward_half_inner"]
+    monkeypatch.setattr(_dispatch, "_half_plan", lambda backend, args: None)
+    whole = run()
+    for i, (a, b) in enumerate(zip(fast, whole)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=f"output {i}")

@@ -14,8 +14,9 @@ How the layers stack
   leading ``threads`` argument (1: the loops run without waking a thread team). The dispatch
   layer (:mod:`fastbn._dispatch`) validates nothing twice: arrays arrive with the right dtypes,
   shapes, aligned data and strides that are whole numbers of elements (it checks the last two).
-  Per-feature vectors may be float32 or float64 (``_Params64``). Five entry points have no
-  Numba twin: ``forward_train_half_outer``, ``backward_half_outer``, ``normalize_half`` and
+  Per-feature vectors may be float32 or float64 (``_Params64``). Seven entry points have no
+  Numba twin: ``forward_train_half_outer``, ``backward_half_outer``,
+  ``forward_train_half_inner``, ``backward_half_inner``, ``normalize_half`` and
   ``convert_runs`` (the half-precision paths that go through float32 in cache, Cython only)
   and ``half_conversion`` (which float16 conversion runs, for the tests).
 
@@ -44,6 +45,16 @@ cdef extern from "_cy_runs.h" nogil:
     void fbn_normalize_half_rows(const uint16_t *x, fbn_idx rs, uint16_t *y, fbn_idx yrs,
                                  fbn_idx a0, fbn_idx a1, fbn_idx L, const float *coef,
                                  int relu, int brain)
+    void fbn_accumulate_half_rows(const uint16_t *x, fbn_idx rs, fbn_idx a0, fbn_idx a1,
+                                  fbn_idx L, const double *shift, double *p0, double *p1,
+                                  int brain)
+    void fbn_accumulate_backward_half_rows(const uint16_t *dy, fbn_idx drs, const uint16_t *x,
+                                           fbn_idx rs, fbn_idx a0, fbn_idx a1, fbn_idx L,
+                                           const double *shift, double *p0, double *p1,
+                                           double *p2, int brain)
+    void fbn_dx_half_rows(const uint16_t *dy, fbn_idx drs, const uint16_t *x, fbn_idx rs,
+                          uint16_t *dx, fbn_idx ors, fbn_idx a0, fbn_idx a1, fbn_idx L,
+                          const float *coef, int training, int brain)
     void shifted_sums_f(const float *x, fbn_idx n, fbn_idx st, double shift, double *out)
     void shifted_sums_d(const double *x, fbn_idx n, fbn_idx st, double shift, double *out)
     void backward_sums_f(const float *dy, fbn_idx sdy, const float *x, fbn_idx sx, fbn_idx n,
@@ -1322,6 +1333,124 @@ def backward_half_outer(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray 
                                      scratch + threadid() * per_thread)
         free(sums)
         free(scratch)
+
+
+# --- half precision, feature-inner training: row blocks through float32 chunks ---------------
+# _forward_train_inner and _backward_inner with the row loops on converted chunks (the C
+# functions above keep the float32 loops' blocks, hence their bits).
+
+cdef double *_half_column_shifts(Strided xv, Py_ssize_t C, Py_ssize_t B, bint brain) noexcept nogil:
+    """shift (L,) of a half feature-inner view, as _column_shifts on its float32 copy (NULL
+    when out of memory)."""
+    cdef Py_ssize_t L = xv.n1, first = min(L, C * B)
+    cdef float *row = <float *> malloc(max(1, first) * sizeof(float))
+    cdef double *shift = <double *> malloc(max(1, L) * sizeof(double))
+    if row == NULL or shift == NULL:
+        free(row); free(shift)
+        return NULL
+    fbn_half_to_float_run(<const uint16_t *> xv.data, row, first, brain)
+    _column_shifts(row, 1, L, C, B, shift)
+    free(row)
+    return shift
+
+
+def forward_train_half_inner(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndarray weight,
+                             cnp.ndarray bias, double eps, cnp.ndarray stats, cnp.ndarray coef,
+                             Py_ssize_t nchunks, Py_ssize_t B, bint relu, bint brain):
+    """Training forward on half feature-inner views (A, L) (uint16 bits, contiguous rows;
+    bfloat16 if ``brain``); coef (4, L) float32."""
+    cdef Strided xv = _strided(x), yv = _strided(y)
+    cdef Py_ssize_t C = cnp.PyArray_DIM(weight, 0), A = xv.n0, L = xv.n1, t
+    cdef _Params64 params = _Params64(C, 2)
+    cdef const double *w = params.of(weight)
+    cdef const double *b = params.of(bias)
+    cdef double *st = _f64(stats)
+    cdef float *cf = <float *> _data(coef)
+    cdef double m = <double> (A * _quot(L, C))
+    cdef double *shift
+    cdef double *partial = <double *> calloc(max(1, 2 * nchunks * L), sizeof(double))
+    cdef double *sums = <double *> malloc(2 * C * sizeof(double))
+    with nogil:
+        shift = _half_column_shifts(xv, C, B, brain)
+    if shift == NULL or partial == NULL or sums == NULL:
+        free(shift); free(partial); free(sums)
+        _checked(-1)
+    with nogil:
+        if threads == 1:
+            for t in range(nchunks):
+                fbn_accumulate_half_rows(<const uint16_t *> xv.data, xv.s0, _row0(t, A, nchunks),
+                                         _row0(t + 1, A, nchunks), L, shift, partial + t * L,
+                                         partial + (nchunks + t) * L, brain)
+        else:
+            for t in prange(nchunks, schedule="static", num_threads=threads):
+                fbn_accumulate_half_rows(<const uint16_t *> xv.data, xv.s0, _row0(t, A, nchunks),
+                                         _row0(t + 1, A, nchunks), L, shift, partial + t * L,
+                                         partial + (nchunks + t) * L, brain)
+        _fold_columns(partial, 2, nchunks, L, C, B, sums)
+        finish_forward_f(sums, C, shift, B, m, eps, w, b, st, cf, L)
+        _tile_columns(cf, 4, L, C, B)
+        if threads == 1:
+            for t in range(nchunks):
+                fbn_normalize_half_rows(<const uint16_t *> xv.data, xv.s0, <uint16_t *> yv.data,
+                                        yv.s0, _row0(t, A, nchunks), _row0(t + 1, A, nchunks), L,
+                                        cf, relu, brain)
+        else:
+            for t in prange(nchunks, schedule="static", num_threads=threads):
+                fbn_normalize_half_rows(<const uint16_t *> xv.data, xv.s0, <uint16_t *> yv.data,
+                                        yv.s0, _row0(t, A, nchunks), _row0(t + 1, A, nchunks), L,
+                                        cf, relu, brain)
+        free(shift); free(partial); free(sums)
+
+
+def backward_half_inner(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx,
+                        cnp.ndarray mean_in, cnp.ndarray mean_ulp, cnp.ndarray invstd_in,
+                        cnp.ndarray weight, bint training, cnp.ndarray grads, cnp.ndarray coef,
+                        Py_ssize_t nchunks, Py_ssize_t B, bint brain):
+    """Backward (no ReLU) on half feature-inner views as forward_train_half_inner; coef
+    (5, L) float32; dx may be dy."""
+    cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
+    cdef Py_ssize_t C = cnp.PyArray_DIM(weight, 0), A = xv.n0, L = xv.n1, t
+    cdef _Params64 params = _Params64(C, 4)
+    cdef Features f = _features(params, mean_in, mean_ulp, invstd_in, weight, None, training,
+                                grads)
+    cdef float *cf = <float *> _data(coef)
+    cdef double m = <double> (A * _quot(L, C))
+    cdef double *shift
+    cdef double *partial = <double *> calloc(max(1, 3 * nchunks * L), sizeof(double))
+    cdef double *sums = <double *> malloc(3 * C * sizeof(double))
+    with nogil:
+        shift = _half_column_shifts(xv, C, B, brain)
+    if shift == NULL or partial == NULL or sums == NULL:
+        free(shift); free(partial); free(sums)
+        _checked(-1)
+    with nogil:
+        if threads == 1:
+            for t in range(nchunks):
+                fbn_accumulate_backward_half_rows(
+                    <const uint16_t *> gv.data, gv.s0, <const uint16_t *> xv.data, xv.s0,
+                    _row0(t, A, nchunks), _row0(t + 1, A, nchunks), L, shift, partial + t * L,
+                    partial + (nchunks + t) * L, partial + (2 * nchunks + t) * L, brain)
+        else:
+            for t in prange(nchunks, schedule="static", num_threads=threads):
+                fbn_accumulate_backward_half_rows(
+                    <const uint16_t *> gv.data, gv.s0, <const uint16_t *> xv.data, xv.s0,
+                    _row0(t, A, nchunks), _row0(t + 1, A, nchunks), L, shift, partial + t * L,
+                    partial + (nchunks + t) * L, partial + (2 * nchunks + t) * L, brain)
+        _fold_columns(partial, 3, nchunks, L, C, B, sums)
+        finish_backward_f(sums, C, shift, B, m, f.mean, f.mean_ulp, f.invstd, f.weight,
+                          f.training, f.grads, cf, L)
+        _tile_columns(cf, 5, L, C, B)
+        if threads == 1:
+            for t in range(nchunks):
+                fbn_dx_half_rows(<const uint16_t *> gv.data, gv.s0, <const uint16_t *> xv.data,
+                                 xv.s0, <uint16_t *> ov.data, ov.s0, _row0(t, A, nchunks),
+                                 _row0(t + 1, A, nchunks), L, cf, f.training, brain)
+        else:
+            for t in prange(nchunks, schedule="static", num_threads=threads):
+                fbn_dx_half_rows(<const uint16_t *> gv.data, gv.s0, <const uint16_t *> xv.data,
+                                 xv.s0, <uint16_t *> ov.data, ov.s0, _row0(t, A, nchunks),
+                                 _row0(t + 1, A, nchunks), L, cf, f.training, brain)
+        free(shift); free(partial); free(sums)
 
 
 _HALF_PATHS = ("best", "avx512f", "f16c", "software")

@@ -405,4 +405,85 @@ static void fbn_normalize_half_rows(const uint16_t *x, fbn_idx rs, uint16_t *y, 
     }
 }
 
+
+/* --- training on half-precision rows (feature-inner views), fused -----------------------------
+ * The float32 row loops on converted chunks: each block of up to four rows (the float loops'
+ * own blocks, from a0) is converted a column chunk at a time and handed to them, so every sum
+ * gets the float32 path's additions in its order, and the same bits. */
+
+FBN_LOOP void fbn_dx_chunk(float *g, const float *x, fbn_idx m, const float *c0,
+                           const float *c1, const float *c2, const float *c3, const float *c4,
+                           int training)
+{
+    fbn_idx j;
+    if (training) {
+        #pragma omp simd
+        for (j = 0; j < m; j++)
+            g[j] = dx_value_f(g[j], x[j], c0[j], c1[j], c2[j], c3[j], c4[j]);
+    } else {  /* eval: dx = dy * k, as scale_rows */
+        #pragma omp simd
+        for (j = 0; j < m; j++)
+            g[j] = g[j] * c2[j];
+    }
+}
+
+static void fbn_accumulate_half_rows(const uint16_t *x, fbn_idx rs, fbn_idx a0, fbn_idx a1,
+                                     fbn_idx L, const double *shift, double *p0, double *p1,
+                                     int brain)
+{
+    float buf[4 * FBN_STREAM_CHUNK];
+    fbn_idx a = a0, n, r, j0, m;
+    while (a < a1) {
+        n = a1 - a >= 4 ? 4 : a1 - a;
+        for (j0 = 0; j0 < L; j0 += FBN_STREAM_CHUNK) {
+            m = L - j0 < FBN_STREAM_CHUNK ? L - j0 : FBN_STREAM_CHUNK;
+            for (r = 0; r < n; r++)
+                fbn_half_to_float_run(x + (a + r) * rs + j0, buf + r * m, m, brain);
+            accumulate_rows_f(buf, m, 1, 0, n, m, shift + j0, p0 + j0, p1 + j0);
+        }
+        a += n;
+    }
+}
+
+static void fbn_accumulate_backward_half_rows(const uint16_t *dy, fbn_idx drs,
+                                              const uint16_t *x, fbn_idx rs, fbn_idx a0,
+                                              fbn_idx a1, fbn_idx L, const double *shift,
+                                              double *p0, double *p1, double *p2, int brain)
+{
+    float xb[4 * FBN_STREAM_CHUNK], gb[4 * FBN_STREAM_CHUNK];
+    fbn_idx a = a0, n, r, j0, m;
+    while (a < a1) {
+        n = a1 - a >= 4 ? 4 : a1 - a;
+        for (j0 = 0; j0 < L; j0 += FBN_STREAM_CHUNK) {
+            m = L - j0 < FBN_STREAM_CHUNK ? L - j0 : FBN_STREAM_CHUNK;
+            for (r = 0; r < n; r++) {
+                fbn_half_to_float_run(x + (a + r) * rs + j0, xb + r * m, m, brain);
+                fbn_half_to_float_run(dy + (a + r) * drs + j0, gb + r * m, m, brain);
+            }
+            accumulate_backward_rows_f(gb, m, 1, xb, m, 1, 0, n, m, shift + j0, p0 + j0,
+                                       p1 + j0, p2 + j0);
+        }
+        a += n;
+    }
+}
+
+/* dx of half rows a0..a1 from coef (5, L) tiled; dx may be dy. */
+static void fbn_dx_half_rows(const uint16_t *dy, fbn_idx drs, const uint16_t *x, fbn_idx rs,
+                             uint16_t *dx, fbn_idx ors, fbn_idx a0, fbn_idx a1, fbn_idx L,
+                             const float *coef, int training, int brain)
+{
+    float xb[FBN_STREAM_CHUNK], gb[FBN_STREAM_CHUNK];
+    fbn_idx a, j0, m;
+    for (a = a0; a < a1; a++) {
+        for (j0 = 0; j0 < L; j0 += FBN_STREAM_CHUNK) {
+            m = L - j0 < FBN_STREAM_CHUNK ? L - j0 : FBN_STREAM_CHUNK;
+            fbn_half_to_float_run(x + a * rs + j0, xb, m, brain);
+            fbn_half_to_float_run(dy + a * drs + j0, gb, m, brain);
+            fbn_dx_chunk(gb, xb, m, coef + j0, coef + L + j0, coef + 2 * L + j0,
+                         coef + 3 * L + j0, coef + 4 * L + j0, training);
+            fbn_float_to_half_run(gb, dx + a * ors + j0, m, brain);
+        }
+    }
+}
+
 #endif

@@ -594,11 +594,14 @@ def _backward_into(backend, args):
 #   stays in cache, run the float32 steps on it and round the output back, so memory sees x
 #   (and dy) read once and the output written once, in half; the backward of ReLU goes a slice
 #   of features at a time through the float32 kernels instead (convert_runs). Statistics are
-#   per feature and the sums do not depend on grouping: every result has the bits of the
-#   whole-array path below.
-# Otherwise (feature-inner training, Numba, views that need a copy) whole arrays are converted
-# to float32 (in their own memory order, by parallel conversion kernels): float32 temporaries
-# of x, dy in backward, and the output, up to 6x the bytes of x.
+#   per feature and the sums do not depend on grouping;
+# - training on feature-inner views (NHWC, NC): forward_train_half_inner and
+#   backward_half_inner run the float32 row loops on chunks of up to four rows converted on
+#   the fly, in those loops' own blocks (two passes over the half data, as float32 makes two).
+# Every result has the bits of the whole-array path below. Otherwise (the ReLU backward of
+# feature-inner views, Numba, views that need a copy) whole arrays are converted to float32
+# (in their own memory order, by parallel conversion kernels): float32 temporaries of x, dy in
+# backward, and the output, up to 6x the bytes of x.
 
 #: Float32 scratch per thread for one group or slice of features. Measured for slices (x's; the
 #: output's, and dy's in backward, as much again) on float16 NCHW 32x64x56x56 and 64x128x28x28,
@@ -608,11 +611,10 @@ HALF_SLICE_BYTES_PER_THREAD = 2 * 2**20
 
 
 def _half_plan(backend, args):
-    """x's plan when args go one of the feature-outer training paths (see above), else None."""
+    """x's plan when args go one of the fused training paths (see above), else None."""
     if backend != "cython" or args.m == 0:
         return None
-    p = plan(args.x, args.axis)
-    return None if p.inner else p
+    return plan(args.x, args.axis)
 
 
 def _half_slices(shape3, threads):
@@ -712,6 +714,60 @@ def _eval_half_fused(backend, args):
         y = args.out
     both = stats[::2].astype(np.float32)
     return ForwardResult(y, both[0], both[1])
+
+
+def _forward_half_inner(backend, args, p):
+    """Training forward on half x of a feature-inner plan by forward_train_half_inner, or
+    None where the views do not allow it (nothing written then)."""
+    x = args.x
+    x_bits = _unit_stride_bits(p.view_of(x))
+    y, y_v, copy_back = p.output_view(args.out, x)
+    y_bits = _unit_stride_bits(y_v)
+    if x_bits is None or y_bits is None:
+        return None
+    K = _kernels(backend)
+    C = args.C
+    weight, bias = _weight_bias(args, C, True)
+    coef = np.empty((4, p.shape[1]), np.float32)
+    stats = np.empty((3, C))
+    threads = launch_threads(backend, "inner", "forward", 2 * x.nbytes)  # the float32 work's
+    _launch(backend, threads, K.forward_train_half_inner, x_bits, y_bits, weight, bias,
+            args.eps, stats, coef, _chunks(p.shape[0], 2 * x.nbytes), p.B,
+            args.activation == "relu", x.dtype.name == "bfloat16")
+    _update_running(K, args, stats)
+    if copy_back:
+        np.copyto(args.out, y)
+        y = args.out
+    both = stats[::2].astype(np.float32)
+    return ForwardResult(y, both[0], both[1])
+
+
+def _backward_half_inner(backend, args, p):
+    """Backward (without ReLU) on half x and dy of a feature-inner plan by
+    backward_half_inner, or None where the views do not allow it (nothing written then)."""
+    if args.activation == "relu":
+        return None
+    x = args.x
+    x_bits = _unit_stride_bits(p.view_of(x))
+    dy_bits = _unit_stride_bits(p.view_of(args.dy))
+    dx, dx_v, copy_back = p.output_view(args.out, x)
+    dx_bits = _unit_stride_bits(dx_v)
+    if x_bits is None or dy_bits is None or dx_bits is None:
+        return None
+    K = _kernels(backend)
+    C = args.C
+    weight, _ = _weight_bias(args, C, True)
+    coef = np.empty((5, p.shape[1]), np.float32)
+    grads = np.zeros((2, C))
+    threads = launch_threads(backend, "inner", "backward", 2 * x.nbytes)
+    _launch(backend, threads, K.backward_half_inner, dy_bits, x_bits, dx_bits, args.mean,
+            args.mean_ulp, args.invstd, weight, args.training, grads, coef,
+            _chunks(p.shape[0], 2 * x.nbytes), p.B, x.dtype.name == "bfloat16")
+    if copy_back:
+        np.copyto(args.out, dx)
+        dx = args.out
+    both = grads.astype(np.float32)
+    return BackwardResult(dx, both[0], both[1])
 
 
 def _outer_half_group(p, threads, arrays):
@@ -830,14 +886,18 @@ def _forward_half(backend, args):
     result = None if args.training else _eval_half_fused(backend, args)
     if result is None and args.training:
         p = _half_plan(backend, args)
-        result = None if p is None else _forward_half_outer(backend, args, p)
+        if p is not None:
+            run = _forward_half_inner if p.inner else _forward_half_outer
+            result = run(backend, args, p)
     return result if result is not None else _via_float32(kernel_forward, backend, args, "x")
 
 
 def _backward_half(backend, args):
     p = _half_plan(backend, args)
     result = None
-    if p is not None:
+    if p is not None and p.inner:
+        result = _backward_half_inner(backend, args, p)
+    elif p is not None:
         result = _backward_half_outer(backend, args, p)
         if result is None:
             result = _backward_half_sliced(backend, args, p)
