@@ -716,69 +716,15 @@ def _eval_half_fused(backend, args):
     return ForwardResult(y, both[0], both[1])
 
 
-def _forward_half_inner(backend, args, p):
-    """Training forward on half x of a feature-inner plan by forward_train_half_inner, or
-    None where the views do not allow it (nothing written then)."""
-    x = args.x
-    x_bits = _unit_stride_bits(p.view_of(x))
-    y, y_v, copy_back = p.output_view(args.out, x)
-    y_bits = _unit_stride_bits(y_v)
-    if x_bits is None or y_bits is None:
-        return None
-    K = _kernels(backend)
-    C = args.C
-    weight, bias = _weight_bias(args, C, True)
-    coef = np.empty((4, p.shape[1]), np.float32)
-    stats = np.empty((3, C))
-    threads = launch_threads(backend, "inner", "forward", 2 * x.nbytes)  # the float32 work's
-    _launch(backend, threads, K.forward_train_half_inner, x_bits, y_bits, weight, bias,
-            args.eps, stats, coef, _chunks(p.shape[0], 2 * x.nbytes), p.B,
-            args.activation == "relu", x.dtype.name == "bfloat16")
-    _update_running(K, args, stats)
-    if copy_back:
-        np.copyto(args.out, y)
-        y = args.out
-    both = stats[::2].astype(np.float32)
-    return ForwardResult(y, both[0], both[1])
-
-
-def _backward_half_inner(backend, args, p):
-    """Backward (without ReLU) on half x and dy of a feature-inner plan by
-    backward_half_inner, or None where the views do not allow it (nothing written then)."""
-    if args.activation == "relu":
-        return None
-    x = args.x
-    x_bits = _unit_stride_bits(p.view_of(x))
-    dy_bits = _unit_stride_bits(p.view_of(args.dy))
-    dx, dx_v, copy_back = p.output_view(args.out, x)
-    dx_bits = _unit_stride_bits(dx_v)
-    if x_bits is None or dy_bits is None or dx_bits is None:
-        return None
-    K = _kernels(backend)
-    C = args.C
-    weight, _ = _weight_bias(args, C, True)
-    coef = np.empty((5, p.shape[1]), np.float32)
-    grads = np.zeros((2, C))
-    threads = launch_threads(backend, "inner", "backward", 2 * x.nbytes)
-    _launch(backend, threads, K.backward_half_inner, dy_bits, x_bits, dx_bits, args.mean,
-            args.mean_ulp, args.invstd, weight, args.training, grads, coef,
-            _chunks(p.shape[0], 2 * x.nbytes), p.B, x.dtype.name == "bfloat16")
-    if copy_back:
-        np.copyto(args.out, dx)
-        dx = args.out
-    both = grads.astype(np.float32)
-    return BackwardResult(dx, both[0], both[1])
-
-
 def _outer_half_group(p, threads, arrays):
-    """Features per group of the fused half kernels: float32 scratch of ``arrays`` (A, group,
-    B) arrays within HALF_SLICE_BYTES_PER_THREAD (see _group)."""
+    """Features per group of the fused feature-outer half kernels: float32 scratch of
+    ``arrays`` (A, group, B) arrays within HALF_SLICE_BYTES_PER_THREAD (see _group)."""
     return _group(p.shape, 4 * arrays, threads, HALF_SLICE_BYTES_PER_THREAD)
 
 
-def _forward_half_outer(backend, args, p):
-    """Training forward on half x of a feature-outer plan by forward_train_half_outer, or
-    None where the views do not allow it (nothing written then)."""
+def _forward_half_fused(backend, args, p):
+    """Training forward on half x by forward_train_half_outer or _inner (the plan's family),
+    or None where the views do not allow it (nothing written then)."""
     x = args.x
     x_bits = _unit_stride_bits(p.view_of(x))
     y, y_v, copy_back = p.output_view(args.out, x)
@@ -788,12 +734,18 @@ def _forward_half_outer(backend, args, p):
     K = _kernels(backend)
     C = args.C
     weight, bias = _weight_bias(args, C, True)
-    coef = np.empty((4, C), np.float32)
+    coef = np.empty((4, p.shape[1] if p.inner else C), np.float32)
     stats = np.empty((3, C))
-    threads = launch_threads(backend, "outer", "forward", 2 * x.nbytes)  # the float32 work's
-    _launch(backend, threads, K.forward_train_half_outer, x_bits, y_bits, weight, bias,
-            args.eps, stats, coef, args.activation == "relu", x.dtype.name == "bfloat16",
-            _outer_half_group(p, threads, 1))
+    relu, brain = args.activation == "relu", x.dtype.name == "bfloat16"
+    family = "inner" if p.inner else "outer"
+    threads = launch_threads(backend, family, "forward", 2 * x.nbytes)  # the float32 work's
+    common = (x_bits, y_bits, weight, bias, args.eps, stats, coef)
+    if p.inner:
+        _launch(backend, threads, K.forward_train_half_inner, *common,
+                _chunks(p.shape[0], 2 * x.nbytes), p.B, relu, brain)
+    else:
+        _launch(backend, threads, K.forward_train_half_outer, *common, relu, brain,
+                _outer_half_group(p, threads, 1))
     _update_running(K, args, stats)
     if copy_back:
         np.copyto(args.out, y)
@@ -802,9 +754,9 @@ def _forward_half_outer(backend, args, p):
     return ForwardResult(y, both[0], both[1])
 
 
-def _backward_half_outer(backend, args, p):
-    """Backward (without ReLU) on half x and dy of a feature-outer plan by
-    backward_half_outer, or None where the views do not allow it (nothing written then)."""
+def _backward_half_fused(backend, args, p):
+    """Backward (without ReLU) on half x and dy by backward_half_outer or _inner, or None
+    where the views do not allow it (nothing written then)."""
     if args.activation == "relu":
         return None
     x = args.x
@@ -817,12 +769,18 @@ def _backward_half_outer(backend, args, p):
     K = _kernels(backend)
     C = args.C
     weight, _ = _weight_bias(args, C, True)
-    coef = np.empty((5, C), np.float32)
+    coef = np.empty((5, p.shape[1] if p.inner else C), np.float32)
     grads = np.zeros((2, C))
-    threads = launch_threads(backend, "outer", "backward", 2 * x.nbytes)
-    _launch(backend, threads, K.backward_half_outer, dy_bits, x_bits, dx_bits, args.mean,
-            args.mean_ulp, args.invstd, weight, args.training, grads, coef,
-            x.dtype.name == "bfloat16", _outer_half_group(p, threads, 2))
+    brain = x.dtype.name == "bfloat16"
+    threads = launch_threads(backend, "inner" if p.inner else "outer", "backward", 2 * x.nbytes)
+    common = (dy_bits, x_bits, dx_bits, args.mean, args.mean_ulp, args.invstd, weight,
+              args.training, grads, coef)
+    if p.inner:
+        _launch(backend, threads, K.backward_half_inner, *common,
+                _chunks(p.shape[0], 2 * x.nbytes), p.B, brain)
+    else:
+        _launch(backend, threads, K.backward_half_outer, *common, brain,
+                _outer_half_group(p, threads, 2))
     if copy_back:
         np.copyto(args.out, dx)
         dx = args.out
@@ -886,21 +844,15 @@ def _forward_half(backend, args):
     result = None if args.training else _eval_half_fused(backend, args)
     if result is None and args.training:
         p = _half_plan(backend, args)
-        if p is not None:
-            run = _forward_half_inner if p.inner else _forward_half_outer
-            result = run(backend, args, p)
+        result = None if p is None else _forward_half_fused(backend, args, p)
     return result if result is not None else _via_float32(kernel_forward, backend, args, "x")
 
 
 def _backward_half(backend, args):
     p = _half_plan(backend, args)
-    result = None
-    if p is not None and p.inner:
-        result = _backward_half_inner(backend, args, p)
-    elif p is not None:
-        result = _backward_half_outer(backend, args, p)
-        if result is None:
-            result = _backward_half_sliced(backend, args, p)
+    result = None if p is None else _backward_half_fused(backend, args, p)
+    if result is None and p is not None and not p.inner:
+        result = _backward_half_sliced(backend, args, p)
     return result if result is not None else _via_float32(kernel_backward, backend, args, "x",
                                                           "dy")
 
