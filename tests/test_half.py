@@ -160,6 +160,15 @@ def test_conversion_kernels_on_every_half_and_random_float_bits(name, backend, h
     np.testing.assert_array_equal(np.signbit(narrow[nan]), np.signbit(floats[nan]))
 
 
+def _whole_arrays_only(monkeypatch):
+    """From here on, half inputs take the whole-array float32 path (the reference for the
+    fused paths' bits)."""
+    from fastbn import _dispatch
+
+    monkeypatch.setattr(_dispatch, "_forward_half_fused", lambda backend, args: None)
+    monkeypatch.setattr(_dispatch, "_half_plan", lambda backend, args: None)
+
+
 @pytest.mark.backends("cython")
 @pytest.mark.parametrize("name", HALVES)
 @pytest.mark.parametrize("shape", [(8, 7, 10, 10), (2, 7, 32, 32), (3, 5, 70)],
@@ -207,7 +216,7 @@ def test_feature_outer_half_training_gives_the_whole_array_bits(name, shape, rel
         assert widths == ([3, 4] if grouped else [C])
     else:
         assert "backward_half_outer" in kernels and "convert_runs" not in kernels
-    monkeypatch.setattr(_dispatch, "_half_plan", lambda backend, args: None)
+    _whole_arrays_only(monkeypatch)
     whole = run()
     for i, (a, b) in enumerate(zip(fast, whole)):
         assert a.dtype == b.dtype
@@ -224,7 +233,7 @@ def test_fused_half_inference_gives_the_float32_path_bits(name, shape, axis, rel
                                                           backend, monkeypatch):
     """Inference on half x in one pass (normalize_half: a chunk at a time through float32)
     has the bits of normalizing a float32 copy of x and rounding, on both kernel families."""
-    from fastbn import _cy_kernels, _dispatch
+    from fastbn import _cy_kernels
 
     dtype = HALVES[name]
     C = shape[axis]
@@ -244,8 +253,7 @@ def test_fused_half_inference_gives_the_float32_path_bits(name, shape, axis, rel
 
     fused = run()
     assert calls, "normalize_half did not run"
-    monkeypatch.setattr(_dispatch, "_eval_half_fused", lambda backend, args: None)
-    monkeypatch.setattr(_dispatch, "_half_plan", lambda backend, args: None)
+    _whole_arrays_only(monkeypatch)
     whole = run()
     for i, (a, b) in enumerate(zip(fused, whole)):
         assert a.dtype == b.dtype
@@ -265,7 +273,7 @@ def test_feature_inner_half_training_gives_the_whole_array_bits(name, shape, axi
     the float32 row loops on converted chunks of up to four rows) has the bytes of the
     whole-array path: rows not a multiple of four, rows longer than a chunk (1030 values),
     features with runs of several values (B > 1), in place, eval-mode backward."""
-    from fastbn import _cy_kernels, _dispatch
+    from fastbn import _cy_kernels
 
     dtype = HALVES[name]
     C = shape[axis]
@@ -289,7 +297,7 @@ def test_feature_inner_half_training_gives_the_whole_array_bits(name, shape, axi
 
     fast = run()
     assert seen == ["forward_train_half_inner", "backward_half_inner"]
-    monkeypatch.setattr(_dispatch, "_half_plan", lambda backend, args: None)
+    _whole_arrays_only(monkeypatch)
     whole = run()
     for i, (a, b) in enumerate(zip(fast, whole)):
         assert a.dtype == b.dtype

@@ -681,51 +681,20 @@ def _backward_half_sliced(backend, args, p):
     return BackwardResult(dx, both[0], both[1])
 
 
-def _eval_half_fused(backend, args):
-    """Inference forward on half x by normalize_half (see above), or None where the views do
-    not allow it (nothing written then)."""
-    if backend != "cython" or args.x.size == 0:
-        return None
-    x = args.x
-    p = plan(x, args.axis)
-    x_bits = _unit_stride_bits(p.view_of(x))
-    y, y_v, copy_back = p.output_view(args.out, x)
-    y_bits = _unit_stride_bits(y_v)
-    if x_bits is None or y_bits is None:
-        return None
-    K = _kernels(backend)
-    C = args.C
-    weight, bias = _weight_bias(args, C, True)
-    coef = np.empty((4, p.shape[1] if p.inner else C), np.float32)
-    stats = np.empty((3, C))
-    K.eval_coefficients(as_param(args.running_mean), as_param(args.running_var), weight, bias,
-                        args.eps, stats, coef)
-    family = "inner" if p.inner else "outer"
-    if p.inner:
-        K.tile_columns(coef, C, p.B)
-        blocks = _chunks(p.shape[0], x.nbytes)
-    else:  # blocks of (a, c) runs: elementwise, so the bits do not depend on them
-        blocks = min(p.shape[0] * p.shape[1], MAX_CHUNKS)
-    threads = launch_threads(backend, family, "eval", x.nbytes)
-    _launch(backend, threads, K.normalize_half, x_bits, y_bits, coef,
-            args.activation == "relu", x.dtype.name == "bfloat16", blocks)
-    if copy_back:
-        np.copyto(args.out, y)
-        y = args.out
-    both = stats[::2].astype(np.float32)
-    return ForwardResult(y, both[0], both[1])
-
-
 def _outer_half_group(p, threads, arrays):
     """Features per group of the fused feature-outer half kernels: float32 scratch of
     ``arrays`` (A, group, B) arrays within HALF_SLICE_BYTES_PER_THREAD (see _group)."""
     return _group(p.shape, 4 * arrays, threads, HALF_SLICE_BYTES_PER_THREAD)
 
 
-def _forward_half_fused(backend, args, p):
-    """Training forward on half x by forward_train_half_outer or _inner (the plan's family),
-    or None where the views do not allow it (nothing written then)."""
+def _forward_half_fused(backend, args):
+    """forward on half x by the fused Cython kernels (see above: normalize_half in inference,
+    forward_train_half_outer or _inner in training), or None where the backend or the views
+    do not allow it (nothing written then)."""
     x = args.x
+    if backend != "cython" or x.size == 0 or (args.training and args.m == 0):
+        return None
+    p = plan(x, args.axis)
     x_bits = _unit_stride_bits(p.view_of(x))
     y, y_v, copy_back = p.output_view(args.out, x)
     y_bits = _unit_stride_bits(y_v)
@@ -738,15 +707,26 @@ def _forward_half_fused(backend, args, p):
     stats = np.empty((3, C))
     relu, brain = args.activation == "relu", x.dtype.name == "bfloat16"
     family = "inner" if p.inner else "outer"
-    threads = launch_threads(backend, family, "forward", 2 * x.nbytes)  # the float32 work's
-    common = (x_bits, y_bits, weight, bias, args.eps, stats, coef)
-    if p.inner:
-        _launch(backend, threads, K.forward_train_half_inner, *common,
-                _chunks(p.shape[0], 2 * x.nbytes), p.B, relu, brain)
+    if not args.training:
+        K.eval_coefficients(as_param(args.running_mean), as_param(args.running_var), weight,
+                            bias, args.eps, stats, coef)
+        if p.inner:
+            K.tile_columns(coef, C, p.B)
+            blocks = _chunks(p.shape[0], x.nbytes)
+        else:  # blocks of (a, c) runs: elementwise, so the bits do not depend on them
+            blocks = min(p.shape[0] * p.shape[1], MAX_CHUNKS)
+        threads = launch_threads(backend, family, "eval", x.nbytes)
+        _launch(backend, threads, K.normalize_half, x_bits, y_bits, coef, relu, brain, blocks)
     else:
-        _launch(backend, threads, K.forward_train_half_outer, *common, relu, brain,
-                _outer_half_group(p, threads, 1))
-    _update_running(K, args, stats)
+        threads = launch_threads(backend, family, "forward", 2 * x.nbytes)  # the float32 work's
+        common = (x_bits, y_bits, weight, bias, args.eps, stats, coef)
+        if p.inner:
+            _launch(backend, threads, K.forward_train_half_inner, *common,
+                    _chunks(p.shape[0], 2 * x.nbytes), p.B, relu, brain)
+        else:
+            _launch(backend, threads, K.forward_train_half_outer, *common, relu, brain,
+                    _outer_half_group(p, threads, 1))
+        _update_running(K, args, stats)
     if copy_back:
         np.copyto(args.out, y)
         y = args.out
@@ -841,10 +821,7 @@ def _via_float32(run, backend, args, *names):
 def _forward_half(backend, args):
     """forward on half x by the first of the paths above (half-precision notes) that the
     backend and the views allow."""
-    result = None if args.training else _eval_half_fused(backend, args)
-    if result is None and args.training:
-        p = _half_plan(backend, args)
-        result = None if p is None else _forward_half_fused(backend, args, p)
+    result = _forward_half_fused(backend, args)
     return result if result is not None else _via_float32(kernel_forward, backend, args, "x")
 
 
