@@ -611,7 +611,8 @@ HALF_SLICE_BYTES_PER_THREAD = 2 * 2**20
 
 
 def _half_plan(backend, args):
-    """x's plan when args go one of the fused training paths (see above), else None."""
+    """x's plan when a backward on half data may take the fused or sliced paths (Cython, a
+    non-empty batch), else None."""
     if backend != "cython" or args.m == 0:
         return None
     return plan(args.x, args.axis)
