@@ -1354,52 +1354,108 @@ cdef double *_half_column_shifts(Strided xv, Py_ssize_t C, Py_ssize_t B, bint br
     return shift
 
 
+cdef enum HalfRowsPass:
+    HALF_FORWARD_SUMS
+    HALF_NORMALIZE
+    HALF_BACKWARD_SUMS
+    HALF_DX
+
+
+cdef struct HalfRows:
+    # One call's half feature-inner views and scratch, shared by its passes over row blocks.
+    Strided gv      # dy (backward)
+    Strided xv
+    Strided ov      # y or dx
+    const double *shift
+    double *partial  # (S, nchunks, L)
+    const float *coef
+    Py_ssize_t nchunks
+    bint relu, training, brain
+
+
+cdef void _half_rows_block(const HalfRows *h, HalfRowsPass op, Py_ssize_t t) noexcept nogil:
+    """Row block t of one pass (_backward_rows's role, for half rows)."""
+    cdef const uint16_t *x = <const uint16_t *> h.xv.data
+    cdef const uint16_t *dy = <const uint16_t *> h.gv.data
+    cdef Py_ssize_t A = h.xv.n0, L = h.xv.n1, n = h.nchunks
+    cdef Py_ssize_t a0 = _row0(t, A, n), a1 = _row0(t + 1, A, n)
+    cdef double *p = h.partial
+    if op == HALF_FORWARD_SUMS:
+        fbn_accumulate_half_rows(x, h.xv.s0, a0, a1, L, h.shift, p + t * L, p + (n + t) * L,
+                                 h.brain)
+    elif op == HALF_NORMALIZE:
+        fbn_normalize_half_rows(x, h.xv.s0, <uint16_t *> h.ov.data, h.ov.s0, a0, a1, L, h.coef,
+                                h.relu, h.brain)
+    elif op == HALF_BACKWARD_SUMS:
+        fbn_accumulate_backward_half_rows(dy, h.gv.s0, x, h.xv.s0, a0, a1, L, h.shift,
+                                          p + t * L, p + (n + t) * L, p + (2 * n + t) * L,
+                                          h.brain)
+    else:
+        fbn_dx_half_rows(dy, h.gv.s0, x, h.xv.s0, <uint16_t *> h.ov.data, h.ov.s0, a0, a1, L,
+                         h.coef, h.training, h.brain)
+
+
+cdef void _half_rows_all(const HalfRows *h, HalfRowsPass op, int threads) noexcept nogil:
+    cdef Py_ssize_t t
+    if threads == 1:
+        for t in range(h.nchunks):
+            _half_rows_block(h, op, t)
+    else:
+        for t in prange(h.nchunks, schedule="static", num_threads=threads):
+            _half_rows_block(h, op, t)
+
+
+cdef int _half_rows_scratch(HalfRows *h, Py_ssize_t S, Py_ssize_t C, Py_ssize_t B,
+                            double **sums) noexcept nogil:
+    """shift, partial (S, nchunks, L) and sums (S, C) of a half feature-inner call; -1 (all
+    freed) when out of memory. _free_half_rows_scratch frees them."""
+    cdef Py_ssize_t L = h.xv.n1
+    h.shift = _half_column_shifts(h.xv, C, B, h.brain)
+    h.partial = <double *> calloc(max(1, S * h.nchunks * L), sizeof(double))
+    sums[0] = <double *> malloc(S * C * sizeof(double))
+    if h.shift == NULL or h.partial == NULL or sums[0] == NULL:
+        _free_half_rows_scratch(h, sums[0])
+        return -1
+    return 0
+
+
+cdef void _free_half_rows_scratch(HalfRows *h, double *sums) noexcept nogil:
+    free(<double *> h.shift)
+    free(h.partial)
+    free(sums)
+
+
 def forward_train_half_inner(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndarray weight,
                              cnp.ndarray bias, double eps, cnp.ndarray stats, cnp.ndarray coef,
                              Py_ssize_t nchunks, Py_ssize_t B, bint relu, bint brain):
     """Training forward on half feature-inner views (A, L) (uint16 bits, contiguous rows;
     bfloat16 if ``brain``); coef (4, L) float32."""
-    cdef Strided xv = _strided(x), yv = _strided(y)
-    cdef Py_ssize_t C = cnp.PyArray_DIM(weight, 0), A = xv.n0, L = xv.n1, t
+    cdef HalfRows h
+    cdef Py_ssize_t C = cnp.PyArray_DIM(weight, 0)
     cdef _Params64 params = _Params64(C, 2)
     cdef const double *w = params.of(weight)
     cdef const double *b = params.of(bias)
     cdef double *st = _f64(stats)
     cdef float *cf = <float *> _data(coef)
-    cdef double m = <double> (A * _quot(L, C))
-    cdef double *shift
-    cdef double *partial = <double *> calloc(max(1, 2 * nchunks * L), sizeof(double))
-    cdef double *sums = <double *> malloc(2 * C * sizeof(double))
+    cdef double *sums
+    cdef int status
+    h.xv = _strided(x)
+    h.ov = _strided(y)
+    h.gv = h.xv  # (unused)
+    h.coef = cf
+    h.nchunks = nchunks
+    h.relu, h.training, h.brain = relu, True, brain
+    cdef double m = <double> (h.xv.n0 * _quot(h.xv.n1, C))
     with nogil:
-        shift = _half_column_shifts(xv, C, B, brain)
-    if shift == NULL or partial == NULL or sums == NULL:
-        free(shift); free(partial); free(sums)
-        _checked(-1)
-    with nogil:
-        if threads == 1:
-            for t in range(nchunks):
-                fbn_accumulate_half_rows(<const uint16_t *> xv.data, xv.s0, _row0(t, A, nchunks),
-                                         _row0(t + 1, A, nchunks), L, shift, partial + t * L,
-                                         partial + (nchunks + t) * L, brain)
-        else:
-            for t in prange(nchunks, schedule="static", num_threads=threads):
-                fbn_accumulate_half_rows(<const uint16_t *> xv.data, xv.s0, _row0(t, A, nchunks),
-                                         _row0(t + 1, A, nchunks), L, shift, partial + t * L,
-                                         partial + (nchunks + t) * L, brain)
-        _fold_columns(partial, 2, nchunks, L, C, B, sums)
-        finish_forward_f(sums, C, shift, B, m, eps, w, b, st, cf, L)
-        _tile_columns(cf, 4, L, C, B)
-        if threads == 1:
-            for t in range(nchunks):
-                fbn_normalize_half_rows(<const uint16_t *> xv.data, xv.s0, <uint16_t *> yv.data,
-                                        yv.s0, _row0(t, A, nchunks), _row0(t + 1, A, nchunks), L,
-                                        cf, relu, brain)
-        else:
-            for t in prange(nchunks, schedule="static", num_threads=threads):
-                fbn_normalize_half_rows(<const uint16_t *> xv.data, xv.s0, <uint16_t *> yv.data,
-                                        yv.s0, _row0(t, A, nchunks), _row0(t + 1, A, nchunks), L,
-                                        cf, relu, brain)
-        free(shift); free(partial); free(sums)
+        status = _half_rows_scratch(&h, 2, C, B, &sums)
+        if status == 0:
+            _half_rows_all(&h, HALF_FORWARD_SUMS, threads)
+            _fold_columns(h.partial, 2, nchunks, h.xv.n1, C, B, sums)
+            finish_forward_f(sums, C, h.shift, B, m, eps, w, b, st, cf, h.xv.n1)
+            _tile_columns(cf, 4, h.xv.n1, C, B)
+            _half_rows_all(&h, HALF_NORMALIZE, threads)
+            _free_half_rows_scratch(&h, sums)
+    _checked(status)
 
 
 def backward_half_inner(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx,
@@ -1408,49 +1464,32 @@ def backward_half_inner(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray 
                         Py_ssize_t nchunks, Py_ssize_t B, bint brain):
     """Backward (no ReLU) on half feature-inner views as forward_train_half_inner; coef
     (5, L) float32; dx may be dy."""
-    cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
-    cdef Py_ssize_t C = cnp.PyArray_DIM(weight, 0), A = xv.n0, L = xv.n1, t
+    cdef HalfRows h
+    cdef Py_ssize_t C = cnp.PyArray_DIM(weight, 0)
     cdef _Params64 params = _Params64(C, 4)
     cdef Features f = _features(params, mean_in, mean_ulp, invstd_in, weight, None, training,
                                 grads)
     cdef float *cf = <float *> _data(coef)
-    cdef double m = <double> (A * _quot(L, C))
-    cdef double *shift
-    cdef double *partial = <double *> calloc(max(1, 3 * nchunks * L), sizeof(double))
-    cdef double *sums = <double *> malloc(3 * C * sizeof(double))
+    cdef double *sums
+    cdef int status
+    h.gv = _strided(dy)
+    h.xv = _strided(x)
+    h.ov = _strided(dx)
+    h.coef = cf
+    h.nchunks = nchunks
+    h.relu, h.training, h.brain = False, training, brain
+    cdef double m = <double> (h.xv.n0 * _quot(h.xv.n1, C))
     with nogil:
-        shift = _half_column_shifts(xv, C, B, brain)
-    if shift == NULL or partial == NULL or sums == NULL:
-        free(shift); free(partial); free(sums)
-        _checked(-1)
-    with nogil:
-        if threads == 1:
-            for t in range(nchunks):
-                fbn_accumulate_backward_half_rows(
-                    <const uint16_t *> gv.data, gv.s0, <const uint16_t *> xv.data, xv.s0,
-                    _row0(t, A, nchunks), _row0(t + 1, A, nchunks), L, shift, partial + t * L,
-                    partial + (nchunks + t) * L, partial + (2 * nchunks + t) * L, brain)
-        else:
-            for t in prange(nchunks, schedule="static", num_threads=threads):
-                fbn_accumulate_backward_half_rows(
-                    <const uint16_t *> gv.data, gv.s0, <const uint16_t *> xv.data, xv.s0,
-                    _row0(t, A, nchunks), _row0(t + 1, A, nchunks), L, shift, partial + t * L,
-                    partial + (nchunks + t) * L, partial + (2 * nchunks + t) * L, brain)
-        _fold_columns(partial, 3, nchunks, L, C, B, sums)
-        finish_backward_f(sums, C, shift, B, m, f.mean, f.mean_ulp, f.invstd, f.weight,
-                          f.training, f.grads, cf, L)
-        _tile_columns(cf, 5, L, C, B)
-        if threads == 1:
-            for t in range(nchunks):
-                fbn_dx_half_rows(<const uint16_t *> gv.data, gv.s0, <const uint16_t *> xv.data,
-                                 xv.s0, <uint16_t *> ov.data, ov.s0, _row0(t, A, nchunks),
-                                 _row0(t + 1, A, nchunks), L, cf, f.training, brain)
-        else:
-            for t in prange(nchunks, schedule="static", num_threads=threads):
-                fbn_dx_half_rows(<const uint16_t *> gv.data, gv.s0, <const uint16_t *> xv.data,
-                                 xv.s0, <uint16_t *> ov.data, ov.s0, _row0(t, A, nchunks),
-                                 _row0(t + 1, A, nchunks), L, cf, f.training, brain)
-        free(shift); free(partial); free(sums)
+        status = _half_rows_scratch(&h, 3, C, B, &sums)
+        if status == 0:
+            _half_rows_all(&h, HALF_BACKWARD_SUMS, threads)
+            _fold_columns(h.partial, 3, nchunks, h.xv.n1, C, B, sums)
+            finish_backward_f(sums, C, h.shift, B, m, f.mean, f.mean_ulp, f.invstd, f.weight,
+                              f.training, f.grads, cf, h.xv.n1)
+            _tile_columns(cf, 5, h.xv.n1, C, B)
+            _half_rows_all(&h, HALF_DX, threads)
+            _free_half_rows_scratch(&h, sums)
+    _checked(status)
 
 
 _HALF_PATHS = ("best", "avx512f", "f16c", "software")
