@@ -36,7 +36,7 @@ cnp.import_array()
 cdef extern from "_cy_runs.h" nogil:
     ctypedef Py_ssize_t fbn_idx
     ctypedef unsigned short uint16_t
-    int fbn_half_choice
+    int fbn_half_select(int choice)
     int fbn_half_path()
     void fbn_half_to_float_run(const uint16_t *src, float *dst, fbn_idx n, int brain)
     void fbn_float_to_half_run(const float *src, uint16_t *dst, fbn_idx n, int brain)
@@ -1499,10 +1499,12 @@ def half_conversion(path=None):
     """The float16 conversion the kernels make: "avx512f" or "f16c" (the CPU's conversion
     instructions) or "software" (portable C loops). With ``path``, that one is chosen first
     ("best": the best this CPU runs; one it lacks falls back to the best). For the tests."""
-    global fbn_half_choice
     if path is not None:
-        fbn_half_choice = _HALF_PATHS.index(path)
+        fbn_half_select(_HALF_PATHS.index(path))
     return _HALF_PATHS[fbn_half_path()]
+
+
+fbn_half_select(0)  # the best conversion this CPU has, from import on
 
 
 def float16_to_float32(int threads, cnp.ndarray src, cnp.ndarray dst):

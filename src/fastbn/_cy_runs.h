@@ -278,23 +278,32 @@ static void fbn_float_to_half_f16c(const float *src, uint16_t *dst, fbn_idx n)
 /* Which float16 conversion runs: FBN_HALF_BEST (the best this CPU has), or one named, for the
  * tests (fastbn._cy_kernels.half_conversion). */
 enum { FBN_HALF_BEST = 0, FBN_HALF_AVX512 = 1, FBN_HALF_F16C = 2, FBN_HALF_SOFTWARE = 3 };
-static int fbn_half_choice = FBN_HALF_BEST;
 
-/* The conversion a call makes: the choice, where this CPU runs it; else the best it runs. */
-static int fbn_half_path(void)
+/* The conversion every call makes, resolved once by fbn_half_select (at module import, and
+ * when the tests choose one) rather than asking the CPU on every chunk of 256 values. Until
+ * then the portable loops, which are right everywhere. */
+static int fbn_half_resolved = FBN_HALF_SOFTWARE;
+
+/* Make `choice` the conversion, where this CPU runs it; else the best it runs. */
+static int fbn_half_select(int choice)
 {
 #ifdef FBN_HARDWARE_HALF
     int avx512 = __builtin_cpu_supports("avx512f");
     int f16c = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
-    if (fbn_half_choice == FBN_HALF_SOFTWARE)
-        return FBN_HALF_SOFTWARE;
-    if (fbn_half_choice == FBN_HALF_F16C && f16c)
-        return FBN_HALF_F16C;
-    return avx512 ? FBN_HALF_AVX512 : f16c ? FBN_HALF_F16C : FBN_HALF_SOFTWARE;
+    if (choice == FBN_HALF_SOFTWARE)
+        fbn_half_resolved = FBN_HALF_SOFTWARE;
+    else if (choice == FBN_HALF_F16C && f16c)
+        fbn_half_resolved = FBN_HALF_F16C;
+    else
+        fbn_half_resolved = avx512 ? FBN_HALF_AVX512 : f16c ? FBN_HALF_F16C : FBN_HALF_SOFTWARE;
 #else
-    return FBN_HALF_SOFTWARE;
+    (void)choice;
+    fbn_half_resolved = FBN_HALF_SOFTWARE;
 #endif
+    return fbn_half_resolved;
 }
+
+static inline int fbn_half_path(void) { return fbn_half_resolved; }
 
 FBN_LOOP void fbn_bf16_to_float_run(const uint16_t *src, float *dst, fbn_idx n)
 {
