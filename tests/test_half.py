@@ -160,6 +160,13 @@ def test_conversion_kernels_on_every_half_and_random_float_bits(name, backend, h
     np.testing.assert_array_equal(np.signbit(narrow[nan]), np.signbit(floats[nan]))
 
 
+def _assert_same_bytes(got, expected):
+    """Every array of got has the dtype and the bytes of its twin in expected."""
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        assert a.dtype == b.dtype, f"output {i}: {a.dtype} != {b.dtype}"
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=f"output {i}")
+
+
 def _whole_arrays_only(monkeypatch):
     """From here on, half inputs take the whole-array float32 path (the reference for the
     fused paths' bits)."""
@@ -218,9 +225,7 @@ def test_feature_outer_half_training_gives_the_whole_array_bits(name, shape, rel
         assert "backward_half_outer" in kernels and "convert_runs" not in kernels
     _whole_arrays_only(monkeypatch)
     whole = run()
-    for i, (a, b) in enumerate(zip(fast, whole)):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=f"output {i}")
+    _assert_same_bytes(fast, whole)
 
 
 @pytest.mark.backends("cython")
@@ -255,9 +260,7 @@ def test_fused_half_inference_gives_the_float32_path_bits(name, shape, axis, rel
     assert calls, "normalize_half did not run"
     _whole_arrays_only(monkeypatch)
     whole = run()
-    for i, (a, b) in enumerate(zip(fused, whole)):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=f"output {i}")
+    _assert_same_bytes(fused, whole)
 
 
 @pytest.mark.backends("cython")
@@ -299,6 +302,4 @@ def test_feature_inner_half_training_gives_the_whole_array_bits(name, shape, axi
     assert seen == ["forward_train_half_inner", "backward_half_inner"]
     _whole_arrays_only(monkeypatch)
     whole = run()
-    for i, (a, b) in enumerate(zip(fast, whole)):
-        assert a.dtype == b.dtype
-        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=f"output {i}")
+    _assert_same_bytes(fast, whole)

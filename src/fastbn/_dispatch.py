@@ -627,13 +627,12 @@ def _half_slices(shape3, threads):
 
 
 def _slice_args(args, c0, c1, **arrays):
-    """A copy of args for features c0..c1 of a float32 (A, C, B) scratch: per-feature vectors
-    sliced, axis 1, and ``arrays`` (x, dy, out: the scratch views) set."""
+    """A copy of backward's args for features c0..c1 of a float32 (A, C, B) scratch:
+    per-feature vectors sliced, axis 1, and ``arrays`` (x, dy, out: the scratch views) set."""
     sub = type(args)()
     for name in type(args).__slots__:
         value = getattr(args, name)
-        if name in ("gamma", "beta", "mean", "invstd", "mean_ulp", "running_mean",
-                    "running_var") and value is not None:
+        if name in ("gamma", "beta", "mean", "invstd", "mean_ulp") and value is not None:
             value = value[c0:c1]
         setattr(sub, name, value)
     sub.axis, sub.C = 1, c1 - c0
