@@ -681,6 +681,25 @@ cdef void _backward_relu_outer(Strided gv, Strided xv, Strided ov, Features f,
 
 # --- feature-inner family -------------------------------------------------------------------------
 
+cdef int _inner_scratch(Py_ssize_t S, Py_ssize_t nchunks, Py_ssize_t L, Py_ssize_t C,
+                        double **shift, double **partial, double **sums) noexcept nogil:
+    """A feature-inner call's scratch: shift (L,), partial (S, nchunks, L) zeroed, sums
+    (S, C); -1, with nothing left allocated, when out of memory. _free_inner_scratch frees."""
+    shift[0] = <double *> malloc(max(1, L) * sizeof(double))
+    partial[0] = <double *> calloc(max(1, S * nchunks * L), sizeof(double))
+    sums[0] = <double *> malloc(max(1, S * C) * sizeof(double))
+    if shift[0] == NULL or partial[0] == NULL or sums[0] == NULL:
+        _free_inner_scratch(shift[0], partial[0], sums[0])
+        return -1
+    return 0
+
+
+cdef void _free_inner_scratch(double *shift, double *partial, double *sums) noexcept nogil:
+    free(shift)
+    free(partial)
+    free(sums)
+
+
 cdef void _accumulate(const floating *x, Strided xv, const double *shift, double *partial,
                       Py_ssize_t nchunks, int threads) noexcept nogil:
     """Forward sums of every row block into partial (2, nchunks, L); x is xv's data."""
@@ -715,11 +734,10 @@ cdef int _forward_train_inner(Strided xv, Strided yv, const double *weight, cons
     cdef const floating *x = <const floating *> xv.data
     cdef Py_ssize_t A = xv.n0, L = xv.n1
     cdef double m = <double> (A * _quot(L, C))
-    cdef double *shift = <double *> malloc(L * sizeof(double))
-    cdef double *partial = <double *> calloc(2 * nchunks * L, sizeof(double))
-    cdef double *sums = <double *> malloc(2 * C * sizeof(double))
-    if shift == NULL or partial == NULL or sums == NULL:
-        free(shift); free(partial); free(sums)
+    cdef double *shift
+    cdef double *partial
+    cdef double *sums
+    if _inner_scratch(2, nchunks, L, C, &shift, &partial, &sums) != 0:
         return -1
     _column_shifts(x, xv.s1, L, C, B, shift)
     _accumulate(x, xv, shift, partial, nchunks, threads)
@@ -731,7 +749,7 @@ cdef int _forward_train_inner(Strided xv, Strided yv, const double *weight, cons
         finish_forward_d(sums, C, shift, B, m, eps, weight, bias, stats, coef, L)
     _tile_columns(coef, 4, L, C, B)
     _normalize_inner(xv, yv, coef, nchunks, relu, threads)
-    free(shift); free(partial); free(sums)
+    _free_inner_scratch(shift, partial, sums)
     return 0
 
 
@@ -771,11 +789,10 @@ cdef int _backward_inner(Strided gv, Strided xv, Strided ov, Features f, floatin
     cdef const floating *x = <const floating *> xv.data
     cdef Py_ssize_t A = xv.n0, L = xv.n1
     cdef double m = <double> (A * _quot(L, C))
-    cdef double *shift = <double *> malloc(L * sizeof(double))
-    cdef double *partial = <double *> calloc(3 * nchunks * L, sizeof(double))
-    cdef double *sums = <double *> malloc(3 * C * sizeof(double))
-    if shift == NULL or partial == NULL or sums == NULL:
-        free(shift); free(partial); free(sums)
+    cdef double *shift
+    cdef double *partial
+    cdef double *sums
+    if _inner_scratch(3, nchunks, L, C, &shift, &partial, &sums) != 0:
         return -1
     _column_shifts(x, xv.s1, L, C, B, shift)
     _backward_rows_all(gv, xv, ov, shift, partial, coef, nchunks, True, f.training, threads)
@@ -789,7 +806,7 @@ cdef int _backward_inner(Strided gv, Strided xv, Strided ov, Features f, floatin
                           f.training, f.grads, coef, L)
     _tile_columns(coef, 5, L, C, B)
     _backward_rows_all(gv, xv, ov, shift, partial, coef, nchunks, False, f.training, threads)
-    free(shift); free(partial); free(sums)
+    _free_inner_scratch(shift, partial, sums)
     return 0
 
 
@@ -829,11 +846,10 @@ cdef int _backward_relu_inner(Strided gv, Strided xv, Strided ov, Features f,
     cdef Py_ssize_t A = xv.n0, L = xv.n1, c
     cdef double m = <double> (A * _quot(L, C))
     cdef double mean
-    cdef double *shift = <double *> malloc(L * sizeof(double))
-    cdef double *partial = <double *> calloc(2 * nchunks * L, sizeof(double))
-    cdef double *sums = <double *> malloc(2 * C * sizeof(double))
-    if shift == NULL or partial == NULL or sums == NULL:
-        free(shift); free(partial); free(sums)
+    cdef double *shift
+    cdef double *partial
+    cdef double *sums
+    if _inner_scratch(2, nchunks, L, C, &shift, &partial, &sums) != 0:
         return -1
     _column_shifts(x, xv.s1, L, C, B, shift)
     if f.training:  # the forward's sums, as _forward_train_inner takes them
@@ -855,7 +871,7 @@ cdef int _backward_relu_inner(Strided gv, Strided xv, Strided ov, Features f,
                     f.training, f.grads, C, coef, L, c)
     _tile_columns(coef, 5, L, C, B)
     _relu_rows_all(gv, xv, ov, shift, partial, coef, fcoef, nchunks, False, f.training, threads)
-    free(shift); free(partial); free(sums)
+    _free_inner_scratch(shift, partial, sums)
     return 0
 
 
@@ -1339,19 +1355,18 @@ def backward_half_outer(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray 
 # _forward_train_inner and _backward_inner with the row loops on converted chunks (the C
 # functions above keep the float32 loops' blocks, hence their bits).
 
-cdef double *_half_column_shifts(Strided xv, Py_ssize_t C, Py_ssize_t B, bint brain) noexcept nogil:
-    """shift (L,) of a half feature-inner view, as _column_shifts on its float32 copy (NULL
-    when out of memory)."""
+cdef int _half_column_shifts(Strided xv, Py_ssize_t C, Py_ssize_t B, bint brain,
+                             double *shift) noexcept nogil:
+    """shift (L,) of a half feature-inner view, as _column_shifts on its float32 copy; -1
+    when out of memory."""
     cdef Py_ssize_t L = xv.n1, first = min(L, C * B)
     cdef float *row = <float *> malloc(max(1, first) * sizeof(float))
-    cdef double *shift = <double *> malloc(max(1, L) * sizeof(double))
-    if row == NULL or shift == NULL:
-        free(row); free(shift)
-        return NULL
+    if row == NULL:
+        return -1
     fbn_half_to_float_run(<const uint16_t *> xv.data, row, first, brain)
     _column_shifts(row, 1, L, C, B, shift)
     free(row)
-    return shift
+    return 0
 
 
 cdef enum HalfRowsPass:
@@ -1407,22 +1422,16 @@ cdef void _half_rows_all(const HalfRows *h, HalfRowsPass op, int threads) noexce
 
 cdef int _half_rows_scratch(HalfRows *h, Py_ssize_t S, Py_ssize_t C, Py_ssize_t B,
                             double **sums) noexcept nogil:
-    """shift, partial (S, nchunks, L) and sums (S, C) of a half feature-inner call; -1 (all
-    freed) when out of memory. _free_half_rows_scratch frees them."""
-    cdef Py_ssize_t L = h.xv.n1
-    h.shift = _half_column_shifts(h.xv, C, B, h.brain)
-    h.partial = <double *> calloc(max(1, S * h.nchunks * L), sizeof(double))
-    sums[0] = <double *> malloc(S * C * sizeof(double))
-    if h.shift == NULL or h.partial == NULL or sums[0] == NULL:
-        _free_half_rows_scratch(h, sums[0])
+    """_inner_scratch for h, its shift filled; -1 (nothing left allocated) when out of
+    memory."""
+    cdef double *shift
+    if _inner_scratch(S, h.nchunks, h.xv.n1, C, &shift, &h.partial, sums) != 0:
+        return -1
+    h.shift = shift
+    if _half_column_shifts(h.xv, C, B, h.brain, shift) != 0:
+        _free_inner_scratch(shift, h.partial, sums[0])
         return -1
     return 0
-
-
-cdef void _free_half_rows_scratch(HalfRows *h, double *sums) noexcept nogil:
-    free(<double *> h.shift)
-    free(h.partial)
-    free(sums)
 
 
 def forward_train_half_inner(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndarray weight,
@@ -1454,7 +1463,7 @@ def forward_train_half_inner(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndar
             finish_forward_f(sums, C, h.shift, B, m, eps, w, b, st, cf, h.xv.n1)
             _tile_columns(cf, 4, h.xv.n1, C, B)
             _half_rows_all(&h, HALF_NORMALIZE, threads)
-            _free_half_rows_scratch(&h, sums)
+            _free_inner_scratch(<double *> h.shift, h.partial, sums)
     _checked(status)
 
 
@@ -1488,7 +1497,7 @@ def backward_half_inner(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray 
                               f.training, f.grads, cf, h.xv.n1)
             _tile_columns(cf, 5, h.xv.n1, C, B)
             _half_rows_all(&h, HALF_DX, threads)
-            _free_half_rows_scratch(&h, sums)
+            _free_inner_scratch(<double *> h.shift, h.partial, sums)
     _checked(status)
 
 
