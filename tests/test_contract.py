@@ -108,6 +108,42 @@ def test_same_bits_for_any_thread_count(shape, axis):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("C", [7, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_feature_groups_and_threads_do_not_change_the_bits(backend, C, dtype, monkeypatch):
+    """The feature-outer kernels cut the features into ``ngroups`` groups of adjacent
+    features (_dispatch._groups): any number of groups, also more than features (empty
+    groups), on any number of threads, also more than features, gives every output the bits
+    of one group on one thread (a feature left out or done twice would not)."""
+    from fastbn import _dispatch
+
+    x = make_x((3, C, 40, 40), dtype, seed=4)
+    dy = make_x((3, C, 40, 40), dtype, seed=5)
+    gamma, beta = 1 + 0.1 * make_x((C,), dtype, seed=6), make_x((C,), dtype, seed=7)
+    seen = []
+    real_launch = _dispatch._launch
+
+    def run(ngroups, threads):
+        monkeypatch.setattr(_dispatch, "_groups", lambda *a, **k: ngroups)
+        monkeypatch.setattr(_dispatch, "launch_threads", lambda *a, **k: threads)
+        monkeypatch.setattr(_dispatch, "_launch", lambda backend, threads, kern, *a:
+                            seen.append((kern.__name__, a[-1])) or
+                            real_launch(backend, threads, kern, *a))
+        rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+        y, mean, invstd = fastbn.forward(x, gamma, beta, running_mean=rm, running_var=rv)
+        train = fastbn.backward(dy, x, mean, invstd, gamma, beta)
+        ev = fastbn.backward(dy, x, rm, 1 / np.sqrt(rv + 1e-5), gamma, beta, training=False)
+        return [y, mean, invstd, rm, rv, *train, *ev]
+
+    expected = run(1, 1)
+    for threads in ((1, 2, 3) if backend == "cython" else (1, 2)):
+        for ngroups in (2, 3, 4, C, 2 * C + 1):
+            seen.clear()
+            for got, want in zip(run(ngroups, threads), expected):
+                np.testing.assert_array_equal(got, want, err_msg=f"{ngroups=} {threads=}")
+            assert seen == [("forward_train_outer", ngroups)] + [("backward_outer", ngroups)] * 2
+
+
 def test_serial_and_parallel_twins_agree():
     from fastbn import _dispatch
 

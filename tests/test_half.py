@@ -187,8 +187,8 @@ def test_feature_outer_half_training_gives_the_whole_array_bits(name, shape, rel
     """Training on feature-outer half inputs goes through float32 in cache (forward and
     backward by groups of features, the ReLU backward by slices): every output and running
     statistic has the bits of the whole-array conversion path, also when writing over x and
-    dy. With 16 KiB of scratch per thread, NCHW-groups (1024-value runs) has forward groups of
-    two features (the last of one) and ReLU-backward slices of four and three; the others
+    dy. With 16 KiB of scratch per thread, NCHW-groups (1024-value runs) has four forward groups
+    (one feature, then three of two) and ReLU-backward slices of four and three; the others
     one feature per group (runs under 4 KiB) and one slice."""
     from fastbn import _cy_kernels, _dispatch
 
@@ -217,7 +217,7 @@ def test_feature_outer_half_training_gives_the_whole_array_bits(name, shape, rel
 
     fast = run()
     kernels = {k for k, _ in seen}
-    assert [a[-1] for k, a in seen if k == "forward_train_half_outer"] == [2 if grouped else 1]
+    assert [a[-1] for k, a in seen if k == "forward_train_half_outer"] == [4 if grouped else C]
     if relu:
         widths = sorted({a[1].shape[1] for k, a in seen if k == "convert_runs"})
         assert widths == ([3, 4] if grouped else [C])

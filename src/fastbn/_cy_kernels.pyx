@@ -550,17 +550,17 @@ cdef void _forward_group(Strided xv, Strided yv, const double *weight, const dou
 
 cdef void _forward_train_outer(Strided xv, Strided yv, const double *weight,
                                const double *bias, double eps, double *stats, floating *coef,
-                               bint relu, Py_ssize_t group, int threads,
+                               bint relu, Py_ssize_t ngroups, int threads,
                                double *sums) noexcept nogil:
-    cdef Py_ssize_t C = xv.n1, g, ngroups = (C + group - 1) // group
+    cdef Py_ssize_t C = xv.n1, g
     if threads == 1:
         for g in range(ngroups):
-            _forward_group(xv, yv, weight, bias, eps, stats, coef, relu, g * group,
-                           min(C, (g + 1) * group), sums)
+            _forward_group(xv, yv, weight, bias, eps, stats, coef, relu,
+                           _row0(g, C, ngroups), _row0(g + 1, C, ngroups), sums)
     else:
         for g in prange(ngroups, nogil=True, schedule="static", num_threads=threads):
-            _forward_group(xv, yv, weight, bias, eps, stats, coef, relu, g * group,
-                           min(C, (g + 1) * group), sums)
+            _forward_group(xv, yv, weight, bias, eps, stats, coef, relu,
+                           _row0(g, C, ngroups), _row0(g + 1, C, ngroups), sums)
 
 
 cdef void _normalize_block(Strided xv, Strided yv, const floating *coef, bint relu,
@@ -623,14 +623,16 @@ cdef void _backward_group(Strided gv, Strided xv, Strided ov, Features f, floati
 
 
 cdef void _backward_outer(Strided gv, Strided xv, Strided ov, Features f, floating *coef,
-                          Py_ssize_t group, int threads, double *sums) noexcept nogil:
-    cdef Py_ssize_t C = xv.n1, g, ngroups = (C + group - 1) // group
+                          Py_ssize_t ngroups, int threads, double *sums) noexcept nogil:
+    cdef Py_ssize_t C = xv.n1, g
     if threads == 1:
         for g in range(ngroups):
-            _backward_group(gv, xv, ov, f, coef, g * group, min(C, (g + 1) * group), sums)
+            _backward_group(gv, xv, ov, f, coef, _row0(g, C, ngroups),
+                            _row0(g + 1, C, ngroups), sums)
     else:
         for g in prange(ngroups, nogil=True, schedule="static", num_threads=threads):
-            _backward_group(gv, xv, ov, f, coef, g * group, min(C, (g + 1) * group), sums)
+            _backward_group(gv, xv, ov, f, coef, _row0(g, C, ngroups),
+                            _row0(g + 1, C, ngroups), sums)
 
 
 cdef void _backward_relu_feature(Strided gv, Strided xv, Strided ov, Features f,
@@ -890,8 +892,9 @@ cdef inline void *_data(cnp.ndarray arr):
 
 def forward_train_outer(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndarray weight,
                         cnp.ndarray bias, double eps, cnp.ndarray stats, cnp.ndarray coef,
-                        bint relu, Py_ssize_t group):
-    """Training forward on a (A, C, B) view, by groups of ``group`` adjacent features."""
+                        bint relu, Py_ssize_t ngroups):
+    """Training forward on a (A, C, B) view, by ``ngroups`` groups of adjacent features (group g:
+    features _row0(g, C, ngroups) to _row0(g + 1, C, ngroups); see _dispatch._groups)."""
     cdef Strided xv = _strided(x), yv = _strided(y)
     cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 2)
     cdef const double *w = params.of(weight)
@@ -903,9 +906,9 @@ def forward_train_outer(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndarray w
     _checked(0 if sums != NULL else -1)
     with nogil:
         if f32:
-            _forward_train_outer(xv, yv, w, b, eps, st, <float *> cf, relu, group, threads, sums)
+            _forward_train_outer(xv, yv, w, b, eps, st, <float *> cf, relu, ngroups, threads, sums)
         else:
-            _forward_train_outer(xv, yv, w, b, eps, st, <double *> cf, relu, group, threads,
+            _forward_train_outer(xv, yv, w, b, eps, st, <double *> cf, relu, ngroups, threads,
                                  sums)
         free(sums)
 
@@ -961,8 +964,9 @@ def normalize_inner(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndarray coef,
 def backward_outer(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx,
                    cnp.ndarray mean_in, cnp.ndarray mean_ulp, cnp.ndarray invstd_in,
                    cnp.ndarray weight, bint training, cnp.ndarray grads, cnp.ndarray coef,
-                   Py_ssize_t group):
-    """Backward on (A, C, B) views, by groups of adjacent features."""
+                   Py_ssize_t ngroups):
+    """Backward on (A, C, B) views, by ``ngroups`` groups of adjacent features (as
+    forward_train_outer)."""
     cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
     # params owns any float32 vector's float64 copy: it must outlive the kernel
     cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 4)
@@ -974,9 +978,9 @@ def backward_outer(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx,
     _checked(0 if sums != NULL else -1)
     with nogil:
         if f32:
-            _backward_outer(gv, xv, ov, f, <float *> cf, group, threads, sums)
+            _backward_outer(gv, xv, ov, f, <float *> cf, ngroups, threads, sums)
         else:
-            _backward_outer(gv, xv, ov, f, <double *> cf, group, threads, sums)
+            _backward_outer(gv, xv, ov, f, <double *> cf, ngroups, threads, sums)
         free(sums)
 
 
@@ -1249,17 +1253,19 @@ cdef void _forward_half_group(Strided xv, Strided yv, const double *weight, cons
 
 def forward_train_half_outer(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndarray weight,
                              cnp.ndarray bias, double eps, cnp.ndarray stats, cnp.ndarray coef,
-                             bint relu, bint brain, Py_ssize_t group):
+                             bint relu, bint brain, Py_ssize_t ngroups):
     """Training forward on half (A, C, B) views (uint16 bits, contiguous runs; bfloat16 if
-    ``brain``), ``group`` features at a time through float32 scratch; coef (4, C) float32."""
+    ``brain``), a group of features at a time (as forward_train_outer) through float32
+    scratch; coef (4, C) float32."""
     cdef Strided xv = _strided(x), yv = _strided(y)
     cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 2)
     cdef const double *w = params.of(weight)
     cdef const double *b = params.of(bias)
     cdef double *st = _f64(stats)
     cdef float *cf = <float *> _data(coef)
-    cdef Py_ssize_t C = xv.n1, g, ngroups = (C + group - 1) // group
-    cdef Py_ssize_t per_thread = max(1, xv.n0 * group * xv.n2)  # scratch floats
+    cdef Py_ssize_t C = xv.n1, g
+    cdef Py_ssize_t widest = _quot(C + ngroups - 1, ngroups)  # features in the largest group
+    cdef Py_ssize_t per_thread = max(1, xv.n0 * widest * xv.n2)  # scratch floats
     cdef double *sums = <double *> malloc(2 * C * sizeof(double))
     cdef float *scratch = <float *> malloc(max(1, threads) * per_thread * sizeof(float))
     if sums == NULL or scratch == NULL:
@@ -1268,12 +1274,12 @@ def forward_train_half_outer(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndar
     with nogil:
         if threads == 1:
             for g in range(ngroups):
-                _forward_half_group(xv, yv, w, b, eps, st, cf, relu, brain, g * group,
-                                    min(C, (g + 1) * group), sums, scratch)
+                _forward_half_group(xv, yv, w, b, eps, st, cf, relu, brain,
+                                    _row0(g, C, ngroups), _row0(g + 1, C, ngroups), sums, scratch)
         else:
             for g in prange(ngroups, schedule="static", num_threads=threads):
-                _forward_half_group(xv, yv, w, b, eps, st, cf, relu, brain, g * group,
-                                    min(C, (g + 1) * group), sums,
+                _forward_half_group(xv, yv, w, b, eps, st, cf, relu, brain,
+                                    _row0(g, C, ngroups), _row0(g + 1, C, ngroups), sums,
                                     scratch + threadid() * per_thread)
         free(sums)
         free(scratch)
@@ -1323,15 +1329,16 @@ cdef void _backward_half_group(Strided gv, Strided xv, Strided ov, Features f, f
 def backward_half_outer(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx,
                         cnp.ndarray mean_in, cnp.ndarray mean_ulp, cnp.ndarray invstd_in,
                         cnp.ndarray weight, bint training, cnp.ndarray grads, cnp.ndarray coef,
-                        bint brain, Py_ssize_t group):
+                        bint brain, Py_ssize_t ngroups):
     """Backward on half (A, C, B) views as forward_train_half_outer; coef (5, C) float32."""
     cdef Strided gv = _strided(dy), xv = _strided(x), ov = _strided(dx)
     cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 4)
     cdef Features f = _features(params, mean_in, mean_ulp, invstd_in, weight, None, training,
                                 grads)
     cdef float *cf = <float *> _data(coef)
-    cdef Py_ssize_t C = xv.n1, g, ngroups = (C + group - 1) // group
-    cdef Py_ssize_t per_thread = max(1, 2 * xv.n0 * group * xv.n2)  # scratch floats
+    cdef Py_ssize_t C = xv.n1, g
+    cdef Py_ssize_t widest = _quot(C + ngroups - 1, ngroups)  # features in the largest group
+    cdef Py_ssize_t per_thread = max(1, 2 * xv.n0 * widest * xv.n2)  # scratch floats
     cdef double *sums = <double *> malloc(3 * C * sizeof(double))
     cdef float *scratch = <float *> malloc(max(1, threads) * per_thread * sizeof(float))
     if sums == NULL or scratch == NULL:
@@ -1340,12 +1347,12 @@ def backward_half_outer(int threads, cnp.ndarray dy, cnp.ndarray x, cnp.ndarray 
     with nogil:
         if threads == 1:
             for g in range(ngroups):
-                _backward_half_group(gv, xv, ov, f, cf, brain, g * group,
-                                     min(C, (g + 1) * group), sums, scratch)
+                _backward_half_group(gv, xv, ov, f, cf, brain, _row0(g, C, ngroups),
+                                     _row0(g + 1, C, ngroups), sums, scratch)
         else:
             for g in prange(ngroups, schedule="static", num_threads=threads):
-                _backward_half_group(gv, xv, ov, f, cf, brain, g * group,
-                                     min(C, (g + 1) * group), sums,
+                _backward_half_group(gv, xv, ov, f, cf, brain, _row0(g, C, ngroups),
+                                     _row0(g + 1, C, ngroups), sums,
                                      scratch + threadid() * per_thread)
         free(sums)
         free(scratch)

@@ -437,14 +437,19 @@ GROUP_BYTES = 8 * 2**20
 GROUPS_PER_THREAD = 2
 
 
-def _group(shape3, itemsize, threads, budget=GROUP_BYTES):
-    """Features per group of the feature-outer kernels (results do not depend on it)."""
+def _groups(shape3, itemsize, threads, budget=GROUP_BYTES):
+    """How many groups of adjacent features the feature-outer kernels cut the C features of
+    an (A, C, B) view into, group g being features g * C // n to (g + 1) * C // n: a multiple
+    of ``threads`` (as far as C allows), so that the static schedule gives every thread the
+    same number of features, give or take one. Groups of a fixed size did not: 64 features in
+    groups of 10 were 40 against 24 on two threads, and the backward of NCHW 32x64x56x56 took
+    2.50 ms against 2.13 ms balanced. Results do not depend on the grouping."""
     A, C, B = shape3
     if B * itemsize < GROUP_MIN_RUN_BYTES:
-        return 1
-    by_cache = budget // max(1, A * B * itemsize)
-    by_balance = -(-C // (GROUPS_PER_THREAD * threads))
-    return max(1, min(by_cache, by_balance))
+        return max(1, C)  # one feature per group
+    by_cache = max(1, budget // max(1, A * B * itemsize))  # features per group at most
+    per_thread = -(-C // threads)
+    return max(1, min(C, threads * max(GROUPS_PER_THREAD, -(-per_thread // by_cache))))
 
 
 def _update_running(K, args, stats):
@@ -507,7 +512,7 @@ def _forward_into(backend, args):
                     stats, coef, nchunks, p.B, relu)
         else:
             _launch(backend, threads, K.forward_train_outer, x_v, y_v, weight, bias, args.eps,
-                    stats, coef, relu, _group(p.shape, x.itemsize, threads))
+                    stats, coef, relu, _groups(p.shape, x.itemsize, threads))
     else:
         rm, rv = args.running_mean, args.running_var  # any floating (C,) array: validated
         K.eval_coefficients(as_param(rm) if cython else _vector64(rm),
@@ -574,7 +579,7 @@ def _backward_into(backend, args):
             else:
                 # backward reads two arrays where forward reads one: half the budget
                 _launch(backend, threads, K.backward_outer, dy_v, x_v, dx_v, *common,
-                        _group(p.shape, x.itemsize, threads, GROUP_BYTES // 2))
+                        _groups(p.shape, x.itemsize, threads, GROUP_BYTES // 2))
         if written is not None:
             np.copyto(written, dx_v)
     if copy_back:
@@ -681,10 +686,10 @@ def _backward_half_sliced(backend, args, p):
     return BackwardResult(dx, both[0], both[1])
 
 
-def _outer_half_group(p, threads, arrays):
-    """Features per group of the fused feature-outer half kernels: float32 scratch of
-    ``arrays`` (A, group, B) arrays within HALF_SLICE_BYTES_PER_THREAD (see _group)."""
-    return _group(p.shape, 4 * arrays, threads, HALF_SLICE_BYTES_PER_THREAD)
+def _outer_half_groups(p, threads, arrays):
+    """Groups of the fused feature-outer half kernels (see _groups): float32 scratch of
+    ``arrays`` (A, features in the group, B) arrays within HALF_SLICE_BYTES_PER_THREAD."""
+    return _groups(p.shape, 4 * arrays, threads, HALF_SLICE_BYTES_PER_THREAD)
 
 
 def _forward_half_fused(backend, args):
@@ -725,7 +730,7 @@ def _forward_half_fused(backend, args):
                     _chunks(p.shape[0], 2 * x.nbytes), p.B, relu, brain)
         else:
             _launch(backend, threads, K.forward_train_half_outer, *common, relu, brain,
-                    _outer_half_group(p, threads, 1))
+                    _outer_half_groups(p, threads, 1))
         _update_running(K, args, stats)
     if copy_back:
         np.copyto(args.out, y)
@@ -760,7 +765,7 @@ def _backward_half_fused(backend, args, p):
                 _chunks(p.shape[0], 2 * x.nbytes), p.B, brain)
     else:
         _launch(backend, threads, K.backward_half_outer, *common, brain,
-                _outer_half_group(p, threads, 2))
+                _outer_half_groups(p, threads, 2))
     if copy_back:
         np.copyto(args.out, dx)
         dx = args.out

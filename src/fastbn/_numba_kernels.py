@@ -450,17 +450,18 @@ def _feature_sums(x, c, shift):
 
 
 @kernel
-def forward_train_outer(x, y, weight, bias, eps, stats, coef, relu, group):
-    """Training forward on a (A, C, B) view. Threads take groups of ``group`` adjacent features
-    and walk each group in memory order (sample by sample, the group's runs side by side):
-    reading one feature at a time jumps a whole sample between runs, which cost up to 2.7x in
-    read bandwidth. Each feature's sums still add its runs in sample order, as
+def forward_train_outer(x, y, weight, bias, eps, stats, coef, relu, ngroups):
+    """Training forward on a (A, C, B) view. Threads take ``ngroups`` groups of adjacent
+    features (group g: features g * C // ngroups to (g + 1) * C // ngroups; see
+    _dispatch._groups) and walk each group in memory order (sample by sample, the group's runs
+    side by side): reading one feature at a time jumps a whole sample between runs, which cost
+    up to 2.7x in read bandwidth. Each feature's sums still add its runs in sample order, as
     _feature_sums does, so results do not depend on the grouping."""
     A, C, B = x.shape
     m = A * B
-    for g in prange((C + group - 1) // group):
-        c0 = g * group
-        c1 = min(C, c0 + group)
+    for g in prange(ngroups):
+        c0 = g * C // ngroups
+        c1 = (g + 1) * C // ngroups
         sums = np.zeros((2, c1 - c0))
         for a in range(A):
             for c in range(c0, c1):
@@ -515,14 +516,14 @@ def normalize_inner(x, y, coef, nchunks, relu):
 
 @kernel
 def backward_outer(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, training, grads, coef,
-                   group):
+                   ngroups):
     """Backward on (A, C, B) views, by groups of adjacent features in memory order (see
     forward_train_outer): reductions, then dx."""
     A, C, B = x.shape
     m = A * B
-    for g in prange((C + group - 1) // group):
-        c0 = g * group
-        c1 = min(C, c0 + group)
+    for g in prange(ngroups):
+        c0 = g * C // ngroups
+        c1 = (g + 1) * C // ngroups
         sums = np.zeros((3, c1 - c0))
         for a in range(A):
             for c in range(c0, c1):
