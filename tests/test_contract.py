@@ -339,6 +339,30 @@ def test_precompile_runs_every_family(monkeypatch):
     assert _dispatch._forced is None  # restored
 
 
+@pytest.mark.parametrize("name", ["NCHW", "NHWC", "f16"])
+def test_bench_times_what_it_names(name, backend):
+    """The table's contenders compute batch norm: fastbn's and PyTorch's (out= overloads into
+    preallocated tensors, channels-last for NHWC) forward, eval and backward outputs agree
+    with each other on a small case of the same layout and dtype."""
+    torch = pytest.importorskip("torch")
+    from fastbn import bench
+
+    like = next(c for c in bench.CASES if name in c.name)
+    shape = (4, 6, 5, 7) if like.axis == 1 else (4, 5, 7, 6)
+    work = bench.Workload(bench.Case(like.name, shape, like.axis, like.dtype))
+    tol = dict(rtol=1e-2, atol=1e-2) if like.dtype == "float16" else dict(rtol=1e-4, atol=1e-4)
+    ours, theirs = work.fastbn(backend=backend), work.torch()
+    for op in ("forward", "eval", "backward"):
+        ours[op]()
+        mine = (work.y if op != "backward" else work.dx).astype(np.float32)
+        theirs[op]()
+        torch_out = {"forward": "y", "eval": "y", "backward": "dx"}[op]
+        got = theirs[op].outputs[torch_out]
+        if like.axis != 1:
+            got = got.permute(0, 2, 3, 1)
+        np.testing.assert_allclose(got.float().numpy(), mine, **tol, err_msg=op)
+
+
 def test_bench_skips_a_case_whose_dtype_cannot_be_made(monkeypatch):
     """Without ml_dtypes the bfloat16 row is skipped with a message, not a crash of the table."""
     import sys

@@ -129,7 +129,11 @@ class Workload:
 
     def torch(self):
         """PyTorch's own CPU kernels (aten::native_batch_norm and its backward), on the same
-        memory (channels-last cases as channels_last tensors), without autograd overhead."""
+        memory (channels-last cases as channels_last tensors), without autograd overhead, and
+        writing into preallocated outputs (their ``out`` overloads), as fastbn's figures do
+        with ``out=``: allocating 25 MB per call cost PyTorch's forward 5 ms of page faults
+        in this process (12.7 against 5.7 ms on NCHW 32x64x56x56), which measures the heap,
+        not the kernel."""
         import torch
 
         case = self.case
@@ -139,22 +143,30 @@ class Workload:
             x, dy = x.permute(perm), dy.permute(perm)
         g, b = torch.from_numpy(self.gamma), torch.from_numpy(self.beta)
         rm, rv = torch.from_numpy(self.rm.copy()), torch.from_numpy(self.rv.copy())
-        bn = torch.ops.aten.native_batch_norm
-        bn_backward = torch.ops.aten.native_batch_norm_backward
-        _, save_mean, save_invstd = bn(x, g, b, rm, rv, True, 0.1, 1e-5)
+        y, dx = torch.empty_like(x), torch.empty_like(x)
+        stats = [torch.empty(g.shape, dtype=torch.float32) for _ in range(4)]  # train, eval
+        grads = [torch.empty_like(g), torch.empty_like(b)]
+        bn = torch.ops.aten.native_batch_norm.out
+        bn_backward = torch.ops.aten.native_batch_norm_backward.out
+        _, save_mean, save_invstd = torch.ops.aten.native_batch_norm(x, g, b, None, None, True,
+                                                                     0.1, 1e-5)
         mask = [True, True, True]
 
         def no_grad(fn):
             def run():
                 with torch.no_grad():
                     fn()
+            run.outputs = {"y": y, "dx": dx}  # for the tests
             return run
 
         return {
-            "forward": no_grad(lambda: bn(x, g, b, rm, rv, True, 0.1, 1e-5)),
-            "eval": no_grad(lambda: bn(x, g, b, rm, rv, False, 0.1, 1e-5)),
+            "forward": no_grad(lambda: bn(x, g, b, rm, rv, True, 0.1, 1e-5, out=y,
+                                          save_mean=stats[0], save_invstd=stats[1])),
+            "eval": no_grad(lambda: bn(x, g, b, rm, rv, False, 0.1, 1e-5, out=y,
+                                       save_mean=stats[2], save_invstd=stats[3])),
             "backward": no_grad(lambda: bn_backward(dy, x, g, rm, rv, save_mean, save_invstd,
-                                                    True, 1e-5, mask)),
+                                                    True, 1e-5, mask, out0=dx, out1=grads[0],
+                                                    out2=grads[1])),
         }
 
 
