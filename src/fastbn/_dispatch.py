@@ -39,7 +39,8 @@ _KiB = 1024
 #: smallest size tried from which the team was not slower at any larger size, over NCHW
 #: (feature-outer) and NC and NHWC (feature-inner) scans; Cython's are the median of three
 #: scans of the fourth session (its serial kernels got faster, and waking the team measured 4-6
-#: us). Numba's feature-inner kernels pay 20-40 us for their team, hence a far higher crossover. Half-precision conversions use the "inner", "eval" figure (one elementwise pass).
+#: us). Numba's feature-inner kernels pay 20-40 us for their team, hence a far higher
+#: crossover. Half-precision conversions use the "inner", "eval" figure (one elementwise pass).
 PARALLEL_MIN_BYTES = {
     ("cython", "outer", "forward"): 128 * _KiB,
     ("cython", "outer", "eval"): 512 * _KiB,

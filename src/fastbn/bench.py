@@ -144,6 +144,7 @@ class Workload:
         g, b = torch.from_numpy(self.gamma), torch.from_numpy(self.beta)
         rm, rv = torch.from_numpy(self.rm.copy()), torch.from_numpy(self.rv.copy())
         y, dx = torch.empty_like(x), torch.empty_like(x)
+        self.torch_y, self.torch_dx = y, dx  # what the calls below write (y: forward and eval)
         stats = [torch.empty(g.shape, dtype=torch.float32) for _ in range(4)]  # train, eval
         grads = [torch.empty_like(g), torch.empty_like(b)]
         bn = torch.ops.aten.native_batch_norm.out
@@ -156,7 +157,6 @@ class Workload:
             def run():
                 with torch.no_grad():
                     fn()
-            run.outputs = {"y": y, "dx": dx}  # for the tests
             return run
 
         return {
