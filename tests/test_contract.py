@@ -14,6 +14,22 @@ from conftest import make_x
 ILL_CASES = [((64, 8, 16, 16), 1), ((64, 16, 16, 8), -1), ((4096, 8), 1), ((8, 16, 4096), 1)]
 
 
+def spy_launches(monkeypatch):
+    """Every kernel launch of the dispatch from now on, as (kernel, threads, args), the kernel
+    still running."""
+    from fastbn import _dispatch
+
+    seen = []
+    real = _dispatch._launch
+
+    def spy(backend, threads, kern, *args):
+        seen.append((kern, threads, args))
+        return real(backend, threads, kern, *args)
+
+    monkeypatch.setattr(_dispatch, "_launch", spy)
+    return seen
+
+
 @pytest.mark.parametrize("shape,axis", ILL_CASES, ids=[str(c) for c in ILL_CASES])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_huge_mean_tiny_spread_float32(backend, shape, axis, training):
@@ -120,15 +136,11 @@ def test_feature_groups_and_threads_do_not_change_the_bits(backend, C, dtype, mo
     x = make_x((3, C, 40, 40), dtype, seed=4)
     dy = make_x((3, C, 40, 40), dtype, seed=5)
     gamma, beta = 1 + 0.1 * make_x((C,), dtype, seed=6), make_x((C,), dtype, seed=7)
-    seen = []
-    real_launch = _dispatch._launch
+    seen = spy_launches(monkeypatch)
 
     def run(ngroups, threads):
         monkeypatch.setattr(_dispatch, "_groups", lambda *a, **k: ngroups)
         monkeypatch.setattr(_dispatch, "launch_threads", lambda *a, **k: threads)
-        monkeypatch.setattr(_dispatch, "_launch", lambda backend, threads, kern, *a:
-                            seen.append((kern.__name__, a[-1])) or
-                            real_launch(backend, threads, kern, *a))
         rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
         y, mean, invstd = fastbn.forward(x, gamma, beta, running_mean=rm, running_var=rv)
         train = fastbn.backward(dy, x, mean, invstd, gamma, beta)
@@ -141,7 +153,8 @@ def test_feature_groups_and_threads_do_not_change_the_bits(backend, C, dtype, mo
             seen.clear()
             for got, want in zip(run(ngroups, threads), expected):
                 np.testing.assert_array_equal(got, want, err_msg=f"{ngroups=} {threads=}")
-            assert seen == [("forward_train_outer", ngroups)] + [("backward_outer", ngroups)] * 2
+            assert [(kern.__name__, args[-1]) for kern, _, args in seen] == \
+                [("forward_train_outer", ngroups)] + [("backward_outer", ngroups)] * 2
 
 
 def test_serial_and_parallel_twins_agree():
@@ -297,16 +310,13 @@ def test_default_backend_is_the_measured_fastest(monkeypatch):
     monkeypatch.setenv("FASTBN_BACKEND", "numba")
     assert _dispatch.resolve_backend(None) == "numba"
     # what a call actually ran: the kernel module's launch sees it
-    seen = []
-    real = _dispatch._launch
-    monkeypatch.setattr(_dispatch, "_launch",
-                        lambda backend, threads, kern, *a: seen.append(kern.__module__)
-                        or real(backend, threads, kern, *a))
+    seen = spy_launches(monkeypatch)
     monkeypatch.delenv("FASTBN_BACKEND")
     fastbn.forward(np.ones((4, 3), np.float32))
     fastbn.forward(np.ones((4, 3), np.float16))
     expected = "fastbn._cy_kernels" if "cython" in names else "fastbn._numba_kernels"
-    assert len(seen) >= 2 and set(seen) == {expected}  # float16: one fused or three launches
+    # float16: one fused launch or three
+    assert len(seen) >= 2 and {kern.__module__ for kern, _, _ in seen} == {expected}
 
 
 def test_docstring_examples_run():
@@ -322,20 +332,13 @@ def test_precompile_runs_every_family(monkeypatch):
     """The ahead-of-time command reaches both families and both twins (from the cache here)."""
     from fastbn import _dispatch, precompile
 
-    seen = []
-    real_launch = _dispatch._launch
-
-    def spy(backend, threads, kern, *args):
-        seen.append((kern.__name__, threads > 1))
-        return real_launch(backend, threads, kern, *args)
-
-    monkeypatch.setattr(_dispatch, "_launch", spy)
+    seen = spy_launches(monkeypatch)
     precompile.precompile(dtypes=(np.float32,))
-    names = {name for name, _ in seen}
+    names = {kern.__name__ for kern, _, _ in seen}
     assert {"forward_train_outer", "forward_train_inner", "normalize_outer", "normalize_inner",
             "backward_outer", "backward_inner"} <= names
     if fastbn.get_num_threads() > 1:
-        assert {parallel for _, parallel in seen} == {True, False}
+        assert {threads > 1 for _, threads, _ in seen} == {True, False}
     assert _dispatch._forced is None  # restored
 
 
@@ -344,7 +347,7 @@ def test_bench_times_what_it_names(name, backend):
     """The table's contenders compute batch norm: fastbn's and PyTorch's (out= overloads into
     preallocated tensors, channels-last for NHWC) forward, eval and backward outputs agree
     with each other on a small case of the same layout and dtype."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from fastbn import bench
 
     like = next(c for c in bench.CASES if name in c.name)

@@ -167,6 +167,19 @@ def _assert_same_bytes(got, expected):
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=f"output {i}")
 
 
+def _spy_kernels(monkeypatch, *names):
+    """Calls of the named _cy_kernels functions from now on, as (name, args), each still
+    running."""
+    from fastbn import _cy_kernels
+
+    seen = []
+    for name in names:
+        real = getattr(_cy_kernels, name)
+        monkeypatch.setattr(_cy_kernels, name,
+                            lambda *a, name=name, real=real: seen.append((name, a)) or real(*a))
+    return seen
+
+
 def _whole_arrays_only(monkeypatch):
     """From here on, half inputs take the whole-array float32 path (the reference for the
     fused paths' bits)."""
@@ -190,7 +203,7 @@ def test_feature_outer_half_training_gives_the_whole_array_bits(name, shape, rel
     dy. With 16 KiB of scratch per thread, NCHW-groups (1024-value runs) has four forward groups
     (one feature, then three of two) and ReLU-backward slices of four and three; the others
     one feature per group (runs under 4 KiB) and one slice."""
-    from fastbn import _cy_kernels, _dispatch
+    from fastbn import _dispatch
 
     dtype = HALVES[name]
     C = shape[1]
@@ -200,11 +213,8 @@ def test_feature_outer_half_training_gives_the_whole_array_bits(name, shape, rel
     monkeypatch.setattr(_dispatch, "HALF_SLICE_BYTES_PER_THREAD", 16 * 1024)
     monkeypatch.setattr(_dispatch, "get_num_threads", lambda: 2)
     grouped = shape == (2, 7, 32, 32)
-    seen = []
-    for kern in ("forward_train_half_outer", "backward_half_outer", "convert_runs"):
-        real = getattr(_cy_kernels, kern)
-        monkeypatch.setattr(_cy_kernels, kern,
-                            lambda *a, kern=kern, real=real: seen.append((kern, a)) or real(*a))
+    seen = _spy_kernels(monkeypatch, "forward_train_half_outer", "backward_half_outer",
+                        "convert_runs")
 
     def run():
         rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
@@ -238,7 +248,6 @@ def test_fused_half_inference_gives_the_float32_path_bits(name, shape, axis, rel
                                                           backend, monkeypatch):
     """Inference on half x in one pass (normalize_half: a chunk at a time through float32)
     has the bits of normalizing a float32 copy of x and rounding, on both kernel families."""
-    from fastbn import _cy_kernels
 
     dtype = HALVES[name]
     C = shape[axis]
@@ -246,9 +255,7 @@ def test_fused_half_inference_gives_the_float32_path_bits(name, shape, axis, rel
     gamma, beta = params(C, np.float32)
     rm = np.linspace(-1, 1, C).astype(np.float32)
     rv = np.linspace(0.5, 2, C).astype(np.float32)
-    calls = []
-    real = _cy_kernels.normalize_half
-    monkeypatch.setattr(_cy_kernels, "normalize_half", lambda *a: calls.append(1) or real(*a))
+    calls = _spy_kernels(monkeypatch, "normalize_half")
 
     def run():
         xs = x.copy()
@@ -276,18 +283,13 @@ def test_feature_inner_half_training_gives_the_whole_array_bits(name, shape, axi
     the float32 row loops on converted chunks of up to four rows) has the bytes of the
     whole-array path: rows not a multiple of four, rows longer than a chunk (1030 values),
     features with runs of several values (B > 1), in place, eval-mode backward."""
-    from fastbn import _cy_kernels
 
     dtype = HALVES[name]
     C = shape[axis]
     x = make_x(shape, dtype)
     dy = make_x(shape, dtype, seed=7)
     gamma, beta = params(C, np.float32)
-    seen = []
-    for kern in ("forward_train_half_inner", "backward_half_inner"):
-        real = getattr(_cy_kernels, kern)
-        monkeypatch.setattr(_cy_kernels, kern,
-                            lambda *a, kern=kern, real=real: seen.append(kern) or real(*a))
+    seen = _spy_kernels(monkeypatch, "forward_train_half_inner", "backward_half_inner")
 
     def run():
         rm, rv = np.zeros(C, np.float32), np.ones(C, np.float32)
@@ -299,7 +301,7 @@ def test_feature_inner_half_training_gives_the_whole_array_bits(name, shape, axi
         return [fwd.y, fwd.mean, fwd.invstd, rm, rv, *bwd]
 
     fast = run()
-    assert seen == ["forward_train_half_inner", "backward_half_inner"]
+    assert [name for name, _ in seen] == ["forward_train_half_inner", "backward_half_inner"]
     _whole_arrays_only(monkeypatch)
     whole = run()
     _assert_same_bytes(fast, whole)
