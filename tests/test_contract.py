@@ -17,16 +17,17 @@ ILL_CASES = [((64, 8, 16, 16), 1), ((64, 16, 16, 8), -1), ((4096, 8), 1), ((8, 1
 def spy_launches(monkeypatch):
     """Every kernel launch of the dispatch from now on, as (kernel, threads, args), the kernel
     still running."""
-    from fastbn import _dispatch
+    from fastbn import _backends, _drivers, _half
 
     seen = []
-    real = _dispatch._launch
+    real = _backends._launch
 
     def spy(backend, threads, kern, *args):
         seen.append((kern, threads, args))
         return real(backend, threads, kern, *args)
 
-    monkeypatch.setattr(_dispatch, "_launch", spy)
+    for module in (_drivers, _half):  # every module that launches kernels
+        monkeypatch.setattr(module, "_launch", spy)
     return seen
 
 
@@ -128,10 +129,10 @@ def test_same_bits_for_any_thread_count(shape, axis):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 def test_feature_groups_and_threads_do_not_change_the_bits(backend, C, dtype, monkeypatch):
     """The feature-outer kernels cut the features into ``ngroups`` groups of adjacent
-    features (_dispatch._groups): any number of groups, also more than features (empty
+    features (_plans._groups): any number of groups, also more than features (empty
     groups), on any number of threads, also more than features, gives every output the bits
     of one group on one thread (a feature left out or done twice would not)."""
-    from fastbn import _dispatch
+    from fastbn import _drivers
 
     x = make_x((3, C, 40, 40), dtype, seed=4)
     dy = make_x((3, C, 40, 40), dtype, seed=5)
@@ -139,8 +140,8 @@ def test_feature_groups_and_threads_do_not_change_the_bits(backend, C, dtype, mo
     seen = spy_launches(monkeypatch)
 
     def run(ngroups, threads):
-        monkeypatch.setattr(_dispatch, "_groups", lambda *a, **k: ngroups)
-        monkeypatch.setattr(_dispatch, "launch_threads", lambda *a, **k: threads)
+        monkeypatch.setattr(_drivers, "_groups", lambda *a, **k: ngroups)
+        monkeypatch.setattr(_drivers, "launch_threads", lambda *a, **k: threads)
         rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
         y, mean, invstd = fastbn.forward(x, gamma, beta, running_mean=rm, running_var=rv)
         train = fastbn.backward(dy, x, mean, invstd, gamma, beta)
@@ -158,13 +159,13 @@ def test_feature_groups_and_threads_do_not_change_the_bits(backend, C, dtype, mo
 
 
 def test_serial_and_parallel_twins_agree():
-    from fastbn import _dispatch
+    from fastbn import _backends
 
     x = make_x((8, 16, 24, 24), np.float64, seed=4)
     dy = make_x(x.shape, np.float64, seed=5)
     results = []
     for parallel in (True, False):
-        with _dispatch.forced_parallel(parallel):
+        with _backends.forced_parallel(parallel):
             y, mean, invstd = fastbn.forward(x)
             results.append((y, mean, invstd, *fastbn.backward(dy, x, mean, invstd)))
     for a, b in zip(*results):
@@ -199,7 +200,7 @@ def test_cython_backend_never_loads_numba():
 
 def test_thread_limit_matches_numba():
     """fastbn finds NUMBA_NUM_THREADS without importing Numba, by Numba's own rule."""
-    code = ("from fastbn import _dispatch; a = _dispatch.thread_limit(); import numba; "
+    code = ("from fastbn import _backends; a = _backends.thread_limit(); import numba; "
             "print(a, numba.config.NUMBA_NUM_THREADS)")
     for env in ({}, {"NUMBA_NUM_THREADS": "1"}):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -297,18 +298,18 @@ def test_available_backends():
 def test_default_backend_is_the_measured_fastest(monkeypatch):
     """Without backend= or FASTBN_BACKEND: Cython where built, for every dtype, else Numba;
     the argument and the environment variable win over the default."""
-    from fastbn import _dispatch
+    from fastbn import _backends
 
     monkeypatch.delenv("FASTBN_BACKEND")
     names = fastbn.available_backends()
     if "cython" in names:
         assert names[0] == "cython"
-        assert _dispatch.resolve_backend(None) == "cython"
+        assert _backends.resolve_backend(None) == "cython"
     else:
-        assert _dispatch.resolve_backend(None) == "numba"
-    assert _dispatch.resolve_backend("reference") == "reference"
+        assert _backends.resolve_backend(None) == "numba"
+    assert _backends.resolve_backend("reference") == "reference"
     monkeypatch.setenv("FASTBN_BACKEND", "numba")
-    assert _dispatch.resolve_backend(None) == "numba"
+    assert _backends.resolve_backend(None) == "numba"
     # what a call actually ran: the kernel module's launch sees it
     seen = spy_launches(monkeypatch)
     monkeypatch.delenv("FASTBN_BACKEND")
@@ -330,7 +331,7 @@ def test_docstring_examples_run():
 
 def test_precompile_runs_every_family(monkeypatch):
     """The ahead-of-time command reaches both families and both twins (from the cache here)."""
-    from fastbn import _dispatch, precompile
+    from fastbn import _backends, precompile
 
     seen = spy_launches(monkeypatch)
     precompile.precompile(dtypes=(np.float32,))
@@ -339,7 +340,7 @@ def test_precompile_runs_every_family(monkeypatch):
             "backward_outer", "backward_inner"} <= names
     if fastbn.get_num_threads() > 1:
         assert {threads > 1 for _, threads, _ in seen} == {True, False}
-    assert _dispatch._forced is None  # restored
+    assert _backends._forced is None  # restored
 
 
 @pytest.mark.parametrize("name", ["NCHW", "NHWC", "f16"])
@@ -381,22 +382,22 @@ def test_bench_skips_a_case_whose_dtype_cannot_be_made(monkeypatch):
 def test_parallel_threshold_for_every_launch():
     """Every compiled backend has a measured crossover for each family and op; below it a
     kernel runs on the calling thread, from it on fastbn's thread count."""
-    from fastbn import _dispatch
+    from fastbn import _backends
 
     for backend in ("numba", "cython"):
         for family in ("outer", "inner"):
             for op in ("forward", "eval", "backward"):
-                edge = _dispatch.PARALLEL_MIN_BYTES[backend, family, op]
-                assert _dispatch.launch_threads(backend, family, op, edge - 1) == 1
-                assert _dispatch.launch_threads(backend, family, op,
+                edge = _backends.PARALLEL_MIN_BYTES[backend, family, op]
+                assert _backends.launch_threads(backend, family, op, edge - 1) == 1
+                assert _backends.launch_threads(backend, family, op,
                                                 edge) == fastbn.get_num_threads()
-    with _dispatch.forced_parallel(False):
-        assert _dispatch.launch_threads("cython", "outer", "forward", 2**40) == 1
-        with _dispatch.forced_parallel(True):
-            assert _dispatch.launch_threads("numba", "inner", "eval", 1) == \
+    with _backends.forced_parallel(False):
+        assert _backends.launch_threads("cython", "outer", "forward", 2**40) == 1
+        with _backends.forced_parallel(True):
+            assert _backends.launch_threads("numba", "inner", "eval", 1) == \
                 fastbn.get_num_threads()
-        assert _dispatch._forced is False
-    assert _dispatch._forced is None
+        assert _backends._forced is False
+    assert _backends._forced is None
 
 
 def test_crossover_point_is_where_the_team_stops_losing():
@@ -416,7 +417,7 @@ def test_crossover_point_is_where_the_team_stops_losing():
     rows.append(row("NHWC", 128, 1.0, 1.5))  # losing again at the largest size: never
     assert bench.crossover_points(rows)["cython", "inner", "eval"] is None
     table = bench.format_crossover(rows)
-    from fastbn._dispatch import PARALLEL_MIN_BYTES  # the table shows the threshold in use
+    from fastbn._backends import PARALLEL_MIN_BYTES  # the table shows the threshold in use
 
     in_use = PARALLEL_MIN_BYTES["cython", "inner", "forward"] // 1024
     assert f"| cython | inner | forward | never | {in_use} |" in table
@@ -469,12 +470,12 @@ def test_streaming_threshold_is_the_last_level_cache(monkeypatch):
     """The Cython kernels stream outputs of at least 3/4 of the largest cache (sysfs, read as
     the kernel writes it: "32768K", "1M"); without sysfs, the default."""
     import builtins
-    from fastbn import _dispatch
+    from fastbn import _backends
 
-    assert _dispatch.last_level_cache_bytes() > 0
-    cy = _dispatch._import_cython()
+    assert _backends.last_level_cache_bytes() > 0
+    cy = _backends._import_cython()
     if cy is not None:
-        assert cy.stream_min_bytes() == _dispatch.last_level_cache_bytes() * 3 // 4
+        assert cy.stream_min_bytes() == _backends.last_level_cache_bytes() * 3 // 4
     sizes = {0: "32K", 1: "32K", 2: "1024K", 3: "32768K"}
     real_open = builtins.open
 
@@ -488,8 +489,8 @@ def test_streaming_threshold_is_the_last_level_cache(monkeypatch):
         return real_open(path, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "open", fake_open)
-    assert _dispatch.last_level_cache_bytes() == 32 * 2**20
+    assert _backends.last_level_cache_bytes() == 32 * 2**20
     sizes[3] = "2M"
-    assert _dispatch.last_level_cache_bytes() == 2 * 2**20
+    assert _backends.last_level_cache_bytes() == 2 * 2**20
     sizes.clear()
-    assert _dispatch.last_level_cache_bytes(default=123) == 123
+    assert _backends.last_level_cache_bytes(default=123) == 123

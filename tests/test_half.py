@@ -107,7 +107,7 @@ def half_path(request, backend):
 def test_conversion_kernels_match_numpy_bit_for_bit(name, backend, half_path):
     """Round trips through the parallel conversion kernels equal NumPy's/ml_dtypes' casts,
     special values included: +-0, +-inf, NaN, subnormals, overflow, ties."""
-    from fastbn import _dispatch
+    from fastbn import _half
 
     dtype = HALVES[name]
     rng = np.random.default_rng(0)
@@ -118,10 +118,10 @@ def test_conversion_kernels_match_numpy_bit_for_bit(name, backend, half_path):
     with np.errstate(over="ignore"):
         expected_half = values.astype(dtype)
     half = np.empty(values.shape, dtype)
-    _dispatch._convert(values, half, backend)
+    _half._convert(values, half, backend)
     np.testing.assert_array_equal(half.view(np.uint16), expected_half.view(np.uint16))
     back = np.empty(values.shape, np.float32)
-    _dispatch._convert(half, back, backend)
+    _half._convert(half, back, backend)
     np.testing.assert_array_equal(back, expected_half.astype(np.float32))
 
 
@@ -135,12 +135,12 @@ def test_strided_half_input(name):
 def test_conversion_kernels_on_every_half_and_random_float_bits(name, backend, half_path):
     """Every one of the 65,536 half bit patterns to float32, and 2**21 random float32 bit
     patterns (all exponents, NaN payloads, subnormals) to half, against NumPy's casts."""
-    from fastbn import _dispatch
+    from fastbn import _half
 
     dtype = HALVES[name]
     halves = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(dtype)
     wide = np.empty(halves.shape, np.float32)
-    _dispatch._convert(halves, wide, backend)
+    _half._convert(halves, wide, backend)
     # Exact bits, except that a signaling NaN may come back quiet (x86's hardware conversion,
     # which Numba and the Cython kernels use where the CPU has it, sets the quiet bit; NumPy
     # and the Cython software loops keep it as it is).
@@ -151,7 +151,7 @@ def test_conversion_kernels_on_every_half_and_random_float_bits(name, backend, h
     floats = bits.astype(np.uint32).view(np.float32)
     floats = floats[~np.isnan(floats)] if name == "bfloat16" else floats
     narrow = np.empty(floats.shape, dtype)
-    _dispatch._convert(floats, narrow, backend)
+    _half._convert(floats, narrow, backend)
     with np.errstate(over="ignore", invalid="ignore"):
         expected = floats.astype(dtype)
     nan = np.isnan(floats)  # NaN stays NaN of the same sign; its payload may be quieted
@@ -183,10 +183,10 @@ def _spy_kernels(monkeypatch, *names):
 def _whole_arrays_only(monkeypatch):
     """From here on, half inputs take the whole-array float32 path (the reference for the
     fused paths' bits)."""
-    from fastbn import _dispatch
+    from fastbn import _half
 
-    monkeypatch.setattr(_dispatch, "_forward_half_fused", lambda backend, args: None)
-    monkeypatch.setattr(_dispatch, "_half_plan", lambda backend, args: None)
+    monkeypatch.setattr(_half, "_forward_half_fused", lambda backend, args: None)
+    monkeypatch.setattr(_half, "_half_plan", lambda backend, args: None)
 
 
 @pytest.mark.backends("cython")
@@ -203,15 +203,15 @@ def test_feature_outer_half_training_gives_the_whole_array_bits(name, shape, rel
     dy. With 16 KiB of scratch per thread, NCHW-groups (1024-value runs) has four forward groups
     (one feature, then three of two) and ReLU-backward slices of four and three; the others
     one feature per group (runs under 4 KiB) and one slice."""
-    from fastbn import _dispatch
+    from fastbn import _half
 
     dtype = HALVES[name]
     C = shape[1]
     x = make_x(shape, dtype)
     dy = make_x(shape, dtype, seed=7)
     gamma, beta = params(C, np.float32)
-    monkeypatch.setattr(_dispatch, "HALF_SLICE_BYTES_PER_THREAD", 16 * 1024)
-    monkeypatch.setattr(_dispatch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(_half, "HALF_SLICE_BYTES_PER_THREAD", 16 * 1024)
+    monkeypatch.setattr(_half, "get_num_threads", lambda: 2)
     grouped = shape == (2, 7, 32, 32)
     seen = _spy_kernels(monkeypatch, "forward_train_half_outer", "backward_half_outer",
                         "convert_runs")

@@ -32,9 +32,9 @@ CASES = [((16, 32, 24, 24), 1, np.float32), ((16, 24, 24, 32), -1, np.float32),
 def parallel_kernels(monkeypatch):
     """Every kernel on the thread team, for the whole test (every Python thread, and children
     forked from it), whatever the size crossover says."""
-    from fastbn import _dispatch
+    from fastbn import _backends
 
-    monkeypatch.setattr(_dispatch, "_forced", True)
+    monkeypatch.setattr(_backends, "_forced", True)
 
 
 def compute(shape, axis, dtype, seed):
@@ -190,7 +190,7 @@ def test_cython_runs_one_openmp_team_at_a_time(monkeypatch, parallel_kernels):
 
 def test_set_num_threads_is_honoured(monkeypatch):
     """With one thread, no parallel twin runs; the setting is validated; results agree."""
-    from fastbn import _dispatch, _numba_kernels
+    from fastbn import _backends, _numba_kernels
 
     x = make_x(*CASES[0][:1], dtype=np.float32)
     before = fastbn.get_num_threads()
@@ -212,20 +212,20 @@ def test_set_num_threads_is_honoured(monkeypatch):
         fastbn.set_num_threads(numba.config.NUMBA_NUM_THREADS + 1)
     with pytest.raises(TypeError):
         fastbn.set_num_threads(1.5)
-    assert _dispatch.get_num_threads() == before
+    assert _backends.get_num_threads() == before
 
 
 def test_thread_count_from_environment(monkeypatch):
-    from fastbn import _dispatch
+    from fastbn import _backends
 
-    monkeypatch.setattr(_dispatch, "_num_threads", None)
+    monkeypatch.setattr(_backends, "_num_threads", None)
     monkeypatch.setenv("FASTBN_NUM_THREADS", "1")
     assert fastbn.get_num_threads() == 1
-    monkeypatch.setattr(_dispatch, "_num_threads", None)
+    monkeypatch.setattr(_backends, "_num_threads", None)
     monkeypatch.setenv("FASTBN_NUM_THREADS", "lots")
     with pytest.raises(TypeError, match="FASTBN_NUM_THREADS"):
         fastbn.get_num_threads()
-    monkeypatch.setattr(_dispatch, "_num_threads", None)
+    monkeypatch.setattr(_backends, "_num_threads", None)
 
 
 # --- hostile but valid inputs ---------------------------------------------------------------

@@ -12,7 +12,7 @@ How the layers stack
   that owns its loop, so no variable is shared by accident;
 - ``def`` entry points with the names, arguments and results of the Numba kernels, plus a
   leading ``threads`` argument (1: the loops run without waking a thread team). The dispatch
-  layer (:mod:`fastbn._dispatch`) validates nothing twice: arrays arrive with the right dtypes,
+  layer (:mod:`fastbn._drivers`) validates nothing twice: arrays arrive with the right dtypes,
   shapes, aligned data and strides that are whole numbers of elements (it checks the last two).
   Per-feature vectors may be float32 or float64 (``_Params64``). Seven entry points have no
   Numba twin: ``forward_train_half_outer``, ``backward_half_outer``,
@@ -177,7 +177,7 @@ cdef struct Strided:
 
 #: Outputs of at least this many bytes are written with non-temporal stores by the row loops
 #: of the feature-inner family (see _cy_runs.h). The dispatch layer sets it to 3/4 of the
-#: last-level cache when it loads this module (fastbn._dispatch.last_level_cache_bytes): a
+#: last-level cache when it loads this module (fastbn._backends.last_level_cache_bytes): a
 #: larger output mostly cannot stay in cache for its consumer anyway; a smaller one may.
 cdef Py_ssize_t _stream_min_bytes = 24 * 2**20
 
@@ -894,7 +894,7 @@ def forward_train_outer(int threads, cnp.ndarray x, cnp.ndarray y, cnp.ndarray w
                         cnp.ndarray bias, double eps, cnp.ndarray stats, cnp.ndarray coef,
                         bint relu, Py_ssize_t ngroups):
     """Training forward on a (A, C, B) view, by ``ngroups`` groups of adjacent features (group g:
-    features _row0(g, C, ngroups) to _row0(g + 1, C, ngroups); see _dispatch._groups)."""
+    features _row0(g, C, ngroups) to _row0(g + 1, C, ngroups); see _plans._groups)."""
     cdef Strided xv = _strided(x), yv = _strided(y)
     cdef _Params64 params = _Params64(cnp.PyArray_DIM(weight, 0), 2)
     cdef const double *w = params.of(weight)
@@ -1158,7 +1158,7 @@ cdef void _convert_run(Strided sv, Strided dv, Py_ssize_t r, bint to_float,
 def convert_runs(int threads, cnp.ndarray src, cnp.ndarray dst, bint brain):
     """dst[a, c, :] = src[a, c, :] between half bit patterns (uint16; bfloat16 if ``brain``)
     and float32, either way round, on (A, C, B) views whose last axis is contiguous: a slice of
-    features of an NCHW array and its float32 scratch (fastbn._dispatch, half precision)."""
+    features of an NCHW array and its float32 scratch (fastbn._half)."""
     cdef Strided sv = _strided(src), dv = _strided(dst)
     cdef bint to_float = cnp.PyArray_TYPE(dst) == cnp.NPY_FLOAT32
     cdef Py_ssize_t r, R = sv.n0 * sv.n1

@@ -453,7 +453,7 @@ def _feature_sums(x, c, shift):
 def forward_train_outer(x, y, weight, bias, eps, stats, coef, relu, ngroups):
     """Training forward on a (A, C, B) view. Threads take ``ngroups`` groups of adjacent
     features (group g: features g * C // ngroups to (g + 1) * C // ngroups; see
-    _dispatch._groups) and walk each group in memory order (sample by sample, the group's runs
+    _plans._groups) and walk each group in memory order (sample by sample, the group's runs
     side by side): reading one feature at a time jumps a whole sample between runs, which cost
     up to 2.7x in read bandwidth. Each feature's sums still add its runs in sample order, as
     _feature_sums does, so results do not depend on the grouping."""

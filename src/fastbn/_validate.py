@@ -17,7 +17,7 @@ import numpy as np
 #: dtypes of x (and dy) the kernels take. Parameters and statistics may be any real floating dtype.
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: Half-precision x: float16, and bfloat16 from the ml_dtypes package (recognized by name, so
-#: that fastbn need not import ml_dtypes). They compute through float32; see _dispatch.
+#: that fastbn need not import ml_dtypes). They compute through float32; see _half.
 HALF_NAMES = ("float16", "bfloat16")
 ACTIVATIONS = (None, "relu")
 BACKENDS = ("numba", "cython", "reference")

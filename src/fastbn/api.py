@@ -1,10 +1,10 @@
 """The public functions: signatures and documentation, nothing else.
 
-Checks live in :mod:`fastbn._validate`, backend choice and layouts in :mod:`fastbn._dispatch`,
-loops in :mod:`fastbn._numba_kernels` (and ``fastbn/_cy_kernels.pyx``, the optional compiled
+Checks live in :mod:`fastbn._validate`; :mod:`fastbn._dispatch` routes a call to a backend
+(its docstring shows how the modules stack); loops live in :mod:`fastbn._numba_kernels` (and ``fastbn/_cy_kernels.pyx``, the optional compiled
 twin), the NumPy twin in :mod:`fastbn.reference`.
 """
-from . import _dispatch
+from . import _backends, _dispatch
 from ._validate import backward_args, forward_args
 
 
@@ -25,7 +25,7 @@ def available_backends():
     >>> set(names) <= {"numba", "cython", "reference"}
     True
     """
-    return _dispatch.available_backends()
+    return _backends.available_backends()
 
 
 def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=None,
@@ -205,7 +205,7 @@ def set_num_threads(n):
     1
     >>> fastbn.set_num_threads(before)
     """
-    _dispatch.set_num_threads(n)
+    _backends.set_num_threads(n)
 
 
 def get_num_threads():
@@ -217,4 +217,4 @@ def get_num_threads():
         ``$FASTBN_NUM_THREADS`` is set but is not an integer in [1, NUMBA_NUM_THREADS]
         (reported on first use).
     """
-    return _dispatch.get_num_threads()
+    return _backends.get_num_threads()

@@ -265,11 +265,11 @@ def crossover(backends, samples, max_kib=4096, log=None):
     """Each op of each layout on the calling thread alone ("serial") and on the thread team
     ("team"), over sizes doubling from 16 KiB to ``max_kib``, timed in interleaved rounds;
     returns rows of {backend, layout, family, KiB, "<op> serial", "<op> team"}."""
-    from fastbn import _dispatch
+    from fastbn import _backends
 
     def forced(parallel, fn):
         def run():
-            with _dispatch.forced_parallel(parallel):
+            with _backends.forced_parallel(parallel):
                 fn()
         return run
 
@@ -310,7 +310,7 @@ def crossover_points(rows):
 def format_crossover(rows):
     """Markdown: the scan's times and ratios per backend, layout and size, then the crossover
     per backend, family and op beside the threshold fastbn uses (PARALLEL_MIN_BYTES)."""
-    from fastbn import _dispatch
+    from fastbn import _backends
 
     lines = ["| backend | layout | KiB | " + " | ".join(
         f"{op} 1 thr us | {op} team us | {op} 1thr/team" for op in CROSSOVER_OPS) + " |",
@@ -325,7 +325,7 @@ def format_crossover(rows):
     lines += ["", "| backend | family | op | team from (KiB, measured) | "
               "PARALLEL_MIN_BYTES in use (KiB) |", "|---|---|---|---|---|"]
     for (backend, family, op), kib in sorted(crossover_points(rows).items()):
-        used = _dispatch.PARALLEL_MIN_BYTES.get((backend, family, op))
+        used = _backends.PARALLEL_MIN_BYTES.get((backend, family, op))
         lines.append(f"| {backend} | {family} | {op} | {kib if kib is not None else 'never'} | "
                      f"{'-' if used is None else used // 1024} |")
     return "\n".join(lines)

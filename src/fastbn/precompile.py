@@ -20,7 +20,7 @@ _SHAPES = (((4, 8, 128, 128), 1), ((4096, 64), 1))
 def precompile(dtypes=(np.float32, np.float64), log=None):
     """Run each kernel once per dtype, family and twin; returns the seconds it took."""
     import fastbn
-    from fastbn import _dispatch
+    from fastbn import _backends
 
     start = time.perf_counter()
     for parallel in (True, False):
@@ -28,7 +28,7 @@ def precompile(dtypes=(np.float32, np.float64), log=None):
             for shape, axis in _SHAPES:
                 x = np.random.default_rng(0).standard_normal(shape).astype(dtype)
                 rm, rv = np.zeros(shape[axis], dtype), np.ones(shape[axis], dtype)
-                with _dispatch.forced_parallel(parallel):
+                with _backends.forced_parallel(parallel):
                     _, mean, invstd = fastbn.forward(x, axis=axis, running_mean=rm,
                                                      running_var=rv, backend="numba")
                     fastbn.forward(x, axis=axis, training=False, running_mean=rm,
