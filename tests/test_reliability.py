@@ -76,32 +76,74 @@ def _digest(results):
     return hashlib.sha256(b"".join(r.tobytes() for r in results)).hexdigest()
 
 
-def _child(queue, shape, axis, dtype):
+def _spy_parallel_runs(backend, monkeypatch):
+    """The pids of the processes that ran forward_train_outer on more than one thread: Numba's
+    parallel twin, or a Cython launch with a team."""
+    runs = []
+    if backend == "numba":
+        from fastbn import _numba_kernels
+
+        kern = _numba_kernels.forward_train_outer
+        real = kern.parallel
+
+        def parallel(*args):
+            runs.append(os.getpid())
+            return real(*args)
+
+        monkeypatch.setattr(kern, "parallel", parallel)
+    else:
+        from fastbn import _cy_kernels
+
+        real = _cy_kernels.forward_train_outer
+
+        def spy(threads, *args):
+            if threads > 1:
+                runs.append(os.getpid())
+            return real(threads, *args)
+
+        monkeypatch.setattr(_cy_kernels, "forward_train_outer", spy)
+    return runs
+
+
+def _child(queue, shape, axis, dtype, runs):
     try:
-        queue.put(_digest(compute(shape, axis, dtype, seed=7)))
+        digest = _digest(compute(shape, axis, dtype, seed=7))
+        queue.put((digest, sum(pid == os.getpid() for pid in runs)))
     except BaseException as exc:
-        queue.put(repr(exc))
+        queue.put((repr(exc), None))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_child_forked_after_parallel_kernels_can_run_them(parallel_kernels):
+def test_child_forked_after_parallel_kernels_can_run_them(backend, monkeypatch):
     """PyTorch's DataLoader forks workers after the parent ran kernels: the child must run
-    the parallel kernels too (GNU OpenMP would hang or abort there)."""
+    them too (GNU OpenMP would abort or hang there). x is large enough for the thread team
+    (no forcing): the parent runs its kernels in parallel; the child runs Numba's parallel
+    twin on TBB, and the Cython kernels on its own thread (GNU OpenMP's pool does not survive
+    fork; see _backends._cython_launch)."""
+    if fastbn.get_num_threads() < 2:
+        pytest.skip("needs at least 2 CPUs for a thread team")
     shape, axis, dtype = CASES[0]
+    runs = _spy_parallel_runs(backend, monkeypatch)
     expected = _digest(compute(shape, axis, dtype, seed=7))  # the parent runs them first
+    assert runs == [os.getpid()], "the parent did not run the parallel kernel"
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(queue, shape, axis, dtype))
+    proc = ctx.Process(target=_child, args=(queue, shape, axis, dtype, runs))
     proc.start()
     try:
-        got = queue.get(timeout=120)
+        got, child_parallel_runs = queue.get(timeout=120)
     except queue_module.Empty:
-        got = "no answer: the child hung"
+        got, child_parallel_runs = "no answer: the child hung", None
     proc.join(timeout=30)
     if proc.is_alive():
         proc.kill()
     assert got == expected
     assert proc.exitcode == 0
+    if backend == "numba":
+        assert numba.threading_layer() == "tbb"
+        assert child_parallel_runs == 1, "the child did not run the parallel twin"
+    else:
+        assert child_parallel_runs == 0, "the child ran an OpenMP team"
 
 
 def _os_threads():
@@ -513,9 +555,88 @@ def test_more_than_two_to_the_31_elements(axis):
 
 
 def test_threading_layer_is_the_safe_one():
-    """fastbn asks Numba for TBB (thread- and fork-safe) unless the user chose a layer."""
-    pytest.importorskip("numba.np.ufunc.tbbpool")
+    """Where the tbb package is installed (a dependency on x86-64), fastbn's Numba kernels run
+    on TBB, in a plain venv too (the tbb wheel's library sits where the loader does not look).
+    Fails, never skips, when TBB is installed but not active."""
+    import importlib.metadata
+    import platform
+
+    from fastbn import _numba_layer
+
     if "NUMBA_THREADING_LAYER" in os.environ:
         pytest.skip("the user chose a threading layer")
-    compute(*CASES[0], seed=0)
-    assert numba.threading_layer() == "tbb"
+    try:
+        importlib.metadata.distribution("tbb")
+    except importlib.metadata.PackageNotFoundError:
+        assert platform.machine() not in _numba_layer.TBB_MACHINES, \
+            "the tbb package, a dependency on this platform, is not installed"
+        pytest.skip("no tbb package for this platform")
+    from fastbn import _numba_kernels
+
+    _numba_kernels.forward_train_outer(2, np.ones((2, 1, 64)), np.empty((2, 1, 64)),
+                                       np.ones(1), np.zeros(1), 1e-5, np.empty((3, 1)),
+                                       np.empty((4, 1)), False, 1)
+    assert numba.threading_layer() == "tbb", _numba_layer.choice
+    assert _numba_layer.choice.layer == "tbb"
+
+
+_NO_TBB_SCRIPT = r"""
+import hashlib, multiprocessing, os, sys, threading, warnings
+sys.modules["numba.np.ufunc.tbbpool"] = None          # TBB's Numba extension cannot load
+from fastbn import _numba_layer
+_numba_layer.preload_tbb = lambda: (None, "hidden for this test")
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    from fastbn import _backends, _numba_kernels
+import numba, numpy as np, fastbn
+assert [w.category.__name__ for w in caught] == ["ThreadingLayerWarning"], caught
+runs = []
+real = _numba_kernels.forward_train_outer.parallel
+def parallel(*args):
+    runs.append(os.getpid())
+    return real(*args)
+_numba_kernels.forward_train_outer.parallel = parallel
+
+def compute(seed):
+    x = np.random.default_rng(seed).normal(3.0, 2.0, (16, 32, 24, 24)).astype(np.float32)
+    y, mean, invstd = fastbn.forward(x, backend="numba")
+    dx = fastbn.backward(x, x, mean, invstd, backend="numba").dx
+    return hashlib.sha256(y.tobytes() + dx.tobytes()).hexdigest()
+
+with _backends.forced_parallel(True):
+    expected = [compute(i) for i in range(4)]
+    assert numba.threading_layer() == "workqueue", numba.threading_layer()
+    assert runs, "the parallel twin did not run"
+    got = [None] * 8
+    def worker(i):
+        for _ in range(3):
+            got[i] = compute(i % 4)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads: t.start()
+    for t in threads: t.join(timeout=120)
+    assert got == [expected[i % 4] for i in range(8)], "threads gave other results"
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    def child():
+        queue.put((compute(1), sum(pid == os.getpid() for pid in runs)))
+    proc = ctx.Process(target=child)
+    proc.start()
+    digest, child_parallel = queue.get(timeout=120)
+    proc.join(timeout=30)
+    assert proc.exitcode == 0 and digest == expected[1], (proc.exitcode, digest)
+    assert child_parallel == 0, "the forked child ran workqueue's parallel twin"
+print("ok", _numba_layer.choice.layer)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.backends("numba")
+def test_without_tbb_the_fallback_is_thread_and_fork_safe():
+    """Where TBB cannot load, Numba's kernels run on workqueue, never GNU OpenMP: a warning
+    says so once; eight threads at once give the lone call's bits (launches take turns); a
+    child forked after parallel use runs the serial kernels and gives the same bits."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    proc = subprocess.run([sys.executable, "-c", _NO_TBB_SCRIPT], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "ok workqueue"

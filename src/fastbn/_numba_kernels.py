@@ -33,7 +33,6 @@ arrays); every kernel is compiled twice, a ``parallel`` and a ``serial`` version
 cached on disk.
 """
 import math
-import os
 import threading
 import types
 
@@ -44,17 +43,12 @@ from numba import njit, prange
 from numba import types as nbtypes
 from numba.extending import intrinsic
 
-# --- threading layer --------------------------------------------------------------------------
-# TBB is the one Numba threading layer that is both thread-safe (several Python threads may
-# launch kernels at once) and fork-safe (a child forked after the parent ran kernels can run
-# them; GNU OpenMP would hang or abort there). The user's NUMBA_THREADING_LAYER wins.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    try:
-        from numba.np.ufunc import tbbpool  # noqa: F401  (import only probes for TBB)
+from . import _numba_layer
 
-        numba.config.THREADING_LAYER = "safe"
-    except ImportError:
-        numba.config.THREADING_LAYER = "threadsafe"
+# --- threading layer --------------------------------------------------------------------------
+# TBB (thread- and fork-safe), loaded wherever pip put it; else workqueue behind the launch
+# lock, never GNU OpenMP. See fastbn._numba_layer.
+_numba_layer.choose(numba.config)
 
 #: Held around parallel launches only when the active layer is not thread-safe (workqueue).
 _launch_lock = threading.Lock()
@@ -91,7 +85,7 @@ class _Kernel:
 
     def __call__(self, threads, *args):
         global _threadsafe_layer
-        if threads == 1:
+        if threads == 1 or _numba_layer.serial_only():
             return self.serial(*args)
         # Numba's thread count is per calling thread: apply ours, give the caller's back.
         callers = numba.get_num_threads()
