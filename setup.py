@@ -9,15 +9,26 @@ installation still succeeds, prints one warning line, and fastbn runs on Numba. 
   extension shows up red instead of silently falling back);
 - ``FASTBN_CFLAGS``: extra compiler flags, e.g. ``-march=native`` for a build that will only
   run on this machine (the default is the compiler's portable baseline).
+
+The outcome (built, or why not) is written into the package as ``fastbn/_build_info.json``,
+which ``python -m fastbn`` reports: pip hides the build's warnings. A failed build removes the
+extension it would have replaced, so that a stale one from an earlier build is never packaged.
 """
+import glob
+import importlib.machinery
+import json
 import os
 import shlex
 import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 WARNING = "fastbn: the optional Cython/OpenMP backend was not built ({}); fastbn will use Numba."
+BUILD_INFO = "_build_info.json"
+#: What the build did, for fastbn/_build_info.json.
+OUTCOME = {"cython": "not built", "reason": "no extension was configured"}
 
 
 def _flag(name):
@@ -25,9 +36,30 @@ def _flag(name):
 
 
 def _warn(reason):
+    OUTCOME.update(cython="not built", reason=reason)
     if _flag("FASTBN_REQUIRE_CYTHON"):
         raise RuntimeError(WARNING.format(reason) + " FASTBN_REQUIRE_CYTHON is set.")
     print("WARNING: " + WARNING.format(reason), file=sys.stderr)
+
+
+def _write_build_info(package_dir):
+    os.makedirs(package_dir, exist_ok=True)
+    with open(os.path.join(package_dir, BUILD_INFO), "w") as f:
+        json.dump(OUTCOME, f, indent=1)
+
+
+class BuildPy(build_py):
+    """build_py that records the build's outcome, and removes compiled extensions left in the
+    build folder by an earlier build when this one builds none."""
+
+    def run(self):
+        super().run()
+        package_dir = os.path.join(self.build_lib, "fastbn")
+        if not self.distribution.ext_modules:
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                for stale in glob.glob(os.path.join(package_dir, "_cy_*" + suffix)):
+                    os.remove(stale)
+        _write_build_info(package_dir)
 
 
 class OptionalBuildExt(build_ext):
@@ -49,11 +81,22 @@ class OptionalBuildExt(build_ext):
         try:
             super().build_extension(ext)
         except Exception as exc:  # no compiler, no OpenMP, ...: the package still installs
+            target = self.get_ext_fullpath(ext.name)
+            if os.path.exists(target):  # an earlier build's: it must not be packaged
+                os.remove(target)
             _warn(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        else:
+            OUTCOME.update(cython="built", reason=None, compiler=self.compiler.compiler_type,
+                           flags=ext.extra_compile_args)
+
+    def run(self):
+        super().run()
+        _write_build_info(os.path.dirname(self.get_ext_fullpath("fastbn._cy_kernels")))
 
 
 def extensions():
     if _flag("FASTBN_NO_CYTHON"):
+        OUTCOME.update(cython="not built", reason="FASTBN_NO_CYTHON is set")
         return []
     try:
         import numpy
@@ -68,6 +111,7 @@ def extensions():
         depends=["src/fastbn/_cy_runs.h", "src/fastbn/_cy_runs_t.h"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
+    OUTCOME.update(cython="not built", reason="the extension build did not run")
     try:
         return cythonize([ext], quiet=True)
     except Exception as exc:
@@ -75,4 +119,4 @@ def extensions():
         return []
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
+setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt, "build_py": BuildPy})

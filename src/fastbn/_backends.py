@@ -120,7 +120,7 @@ def resolve_backend(backend):
         return default_backend()
     if backend not in available_backends():
         raise ValueError(f"backend {backend!r} is not available here; available: "
-                         f"{available_backends()}")
+                         f"{available_backends()} (run 'python -m fastbn' to see why)")
     return backend
 
 
