@@ -16,8 +16,9 @@ backward raises (the backward is marked once-differentiable).
 try:
     import torch
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
-    raise ImportError("fastbn.torch needs PyTorch; on these machines install the CPU build "
-                      "with: pip install torch==2.13.0") from exc
+    raise ImportError("fastbn.torch needs PyTorch: install fastbn's torch extra "
+                      "(pip install \".[torch]\" from fastbn's folder), or PyTorch itself "
+                      "(pip install torch)") from exc
 
 from torch.autograd.function import once_differentiable
 
