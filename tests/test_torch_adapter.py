@@ -164,7 +164,7 @@ def test_import_without_torch_says_how_to_install():
             "try:\n    import fastbn.torch\nexcept ImportError as e:\n    print(e)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
-    assert "pip install torch==2.13.0" in out
+    assert 'pip install ".[torch]"' in out and "torch==2.13.0" in out
 
 
 def test_functional_docstring_example():

@@ -16,9 +16,9 @@ backward raises (the backward is marked once-differentiable).
 try:
     import torch
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
-    raise ImportError("fastbn.torch needs PyTorch: install fastbn's torch extra "
-                      "(pip install \".[torch]\" from fastbn's folder), or PyTorch itself "
-                      "(pip install torch)") from exc
+    raise ImportError("fastbn.torch needs PyTorch: install fastbn's torch extra, "
+                      "pip install \".[torch]\" in fastbn's folder (it pins the tested "
+                      "release, torch==2.13.0)") from exc
 
 from torch.autograd.function import once_differentiable
 
