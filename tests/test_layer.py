@@ -8,7 +8,11 @@ import fastbn
 import fastbn.layers
 from conftest import make_x
 
-torch = pytest.importorskip("torch")
+try:
+    import torch
+except ImportError:  # the tests against PyTorch skip; the others run
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="needs torch")
 
 CONFIGS = [
     dict(momentum=0.1, affine=True, track_running_stats=True),
@@ -20,11 +24,12 @@ CONFIGS = [
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in
                                                                 c.items()))
-@pytest.mark.parametrize("shape,torch_cls", [((8, 4), torch.nn.BatchNorm1d),
-                                             ((6, 4, 5, 5), torch.nn.BatchNorm2d)])
+@pytest.mark.parametrize("shape,torch_cls", [((8, 4), "BatchNorm1d"),
+                                             ((6, 4, 5, 5), "BatchNorm2d")])
+@needs_torch
 def test_layer_follows_torch_over_train_and_eval_steps(config, shape, torch_cls):
     ours = fastbn.BatchNorm(4, dtype=np.float64, eps=1e-3, **config)
-    ref = torch_cls(4, eps=1e-3, dtype=torch.float64, **config)
+    ref = getattr(torch.nn, torch_cls)(4, eps=1e-3, dtype=torch.float64, **config)
     lr = 0.1
     for step in range(4):
         if step == 3:
@@ -55,6 +60,7 @@ def test_layer_follows_torch_over_train_and_eval_steps(config, shape, torch_cls)
         np.testing.assert_allclose(state[key], ref_state[key], rtol=1e-10, err_msg=key)
 
 
+@needs_torch
 def test_state_dict_round_trip_and_torch_state():
     src = torch.nn.BatchNorm2d(3, dtype=torch.float64)
     src(torch.randn(4, 3, 2, 2, dtype=torch.float64))
@@ -85,12 +91,43 @@ def test_layer_errors_and_channels_last():
     with pytest.raises(ValueError, match="momentum"):
         fastbn.BatchNorm(3, momentum=2.0)
     layer = fastbn.BatchNorm(3)
-    with pytest.raises(ValueError, match="gamma"):
+    with pytest.raises(ValueError, match="num_features"):
         layer.forward(np.ones((4, 5), np.float32))
     assert layer.num_batches_tracked == 0  # a failed forward counts nothing
     nhwc = fastbn.BatchNorm(3, axis=-1)
     x = make_x((4, 5, 5, 3), np.float32)
     np.testing.assert_allclose(nhwc(x), fastbn.reference.forward(x, axis=-1).y, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [dict(), dict(affine=False),
+                                    dict(affine=False, track_running_stats=False)],
+                         ids=["affine", "stats-only", "stateless"])
+@pytest.mark.parametrize("shape,axis", [((8, 4), 1), ((2, 4, 3, 3), 1), ((2, 3, 3, 4), -1)],
+                         ids=["NC", "NCHW", "NHWC"])
+def test_wrong_channel_count_names_num_features_and_x_not_parameters(config, shape, axis):
+    """The user passed num_features and x, not gamma or running_mean: the message names
+    those two, with x's count and axis, whatever state the layer keeps; nothing changes."""
+    layer = fastbn.BatchNorm(3, axis=axis, **config)
+    before = layer.state_dict()
+    for training in (True, False):
+        layer.train(training)
+        with pytest.raises(ValueError) as info:
+            layer.forward(np.ones(shape, np.float32))
+        message = str(info.value)
+        assert "num_features=3" in message, message
+        assert f"x has 4 channels along axis {axis}" in message, message
+        assert f"shape {shape}" in message, message
+        assert "gamma" not in message and "weight" not in message, message
+        assert "running_mean" not in message, message
+    after = layer.state_dict()
+    assert list(after) == list(before)
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    assert layer._saved is None  # no forward to take a backward from
+    layer.train()
+    right = make_x(shape[:-1] + (3,) if axis == -1 else shape[:1] + (3,) + shape[2:],
+                   np.float32)
+    assert layer.forward(right).shape == right.shape  # the layer still works
 
 
 def test_layer_docstring_example():

@@ -11,6 +11,7 @@ import numbers
 import numpy as np
 
 from . import api
+from ._validate import _axis, _float_array
 
 
 class BatchNorm:
@@ -135,7 +136,14 @@ class BatchNorm:
 
     # --- passes -------------------------------------------------------------------------------
     def forward(self, x):
-        """Normalize x (its feature axis is ``axis``); keeps what backward needs."""
+        """Normalize x (its feature axis is ``axis``); keeps what backward needs.
+
+        Raises
+        ------
+        ValueError
+            x's length along ``axis`` is not ``num_features``; and as :func:`fastbn.forward`.
+        """
+        x = self._checked_input(x)
         factor = 0.0 if self.momentum is None else self.momentum
         update = self.training and self.track_running_stats
         if update:
@@ -153,6 +161,23 @@ class BatchNorm:
             self.num_batches_tracked = tracked
         self._saved = (np.asarray(x), mean, invstd, batch_stats)
         return y
+
+    def _checked_input(self, x):
+        """x as an array whose feature axis has ``num_features`` entries. Checked here, before
+        :func:`fastbn.forward` would report the mismatch against ``weight`` or
+        ``running_mean``, arrays the caller never passed."""
+        x = _float_array(x, "x")
+        if x.ndim < 2:
+            return x  # fastbn.forward explains what x needs
+        axis = _axis(self.axis, x.ndim)
+        C = x.shape[axis]
+        if C != self.num_features:
+            layer = f"BatchNorm({C})" if self.axis == 1 else f"BatchNorm({C}, axis={self.axis})"
+            raise ValueError(
+                f"x has {C} channels along axis {self.axis} (shape {x.shape}), but this "
+                f"BatchNorm has num_features={self.num_features}; pass an x with "
+                f"{self.num_features} channels there, or create the layer as {layer}")
+        return x
 
     def backward(self, dy):
         """dx for the last forward's input; stores ``grad_gamma`` and ``grad_beta``."""
