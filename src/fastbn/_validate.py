@@ -12,8 +12,13 @@ Error policy (the messages name the argument):
 import math
 import numbers
 
-import numpy as np
+from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
+
+#: A per-feature parameter as the kernels take it (see :func:`as_param`).
+Param = NDArray[np.float32 | np.float64]
 #: dtypes of x (and dy) the kernels take. Parameters and statistics may be any real floating dtype.
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 #: Half-precision x: float16, and bfloat16 from the ml_dtypes package (recognized by name, so
@@ -33,6 +38,20 @@ class ForwardArgs:
 
     __slots__ = ("x", "axis", "C", "m", "gamma", "beta", "training", "running_mean",
                  "running_var", "momentum", "eps", "activation", "out", "backend")
+    x: NDArray[Any]
+    axis: int  # in [0, x.ndim)
+    C: int
+    m: int  # values per feature
+    gamma: Param | None
+    beta: Param | None
+    training: bool
+    running_mean: NDArray[np.floating[Any]] | None
+    running_var: NDArray[np.floating[Any]] | None
+    momentum: float
+    eps: float
+    activation: str | None
+    out: NDArray[Any] | None
+    backend: str | None
 
 
 class BackwardArgs:
@@ -40,6 +59,20 @@ class BackwardArgs:
 
     __slots__ = ("dy", "x", "axis", "C", "m", "mean", "mean_ulp", "invstd", "gamma", "beta",
                  "training", "activation", "out", "backend")
+    dy: NDArray[Any]
+    x: NDArray[Any]
+    axis: int
+    C: int
+    m: int
+    mean: Param
+    mean_ulp: Param
+    invstd: Param
+    gamma: Param | None
+    beta: Param | None
+    training: bool
+    activation: str | None
+    out: NDArray[Any] | None
+    backend: str | None
 
 
 def _float_array(value, name):

@@ -4,11 +4,17 @@ Checks live in :mod:`fastbn._validate`; :mod:`fastbn._dispatch` routes a call to
 (its docstring shows how the modules stack); loops live in :mod:`fastbn._numba_kernels` (and ``fastbn/_cy_kernels.pyx``, the optional compiled
 twin), the NumPy twin in :mod:`fastbn.reference`.
 """
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
 from . import _backends, _dispatch
+from ._common import ActivationName, BackendName, BackwardResult, ForwardResult
 from ._validate import backward_args, forward_args
 
 
-def available_backends():
+def available_backends() -> tuple[str, ...]:
     """Names of the backends that can run here, the default first.
 
     ``"numba"`` (Numba installed), ``"cython"`` (the optional extension was built at install
@@ -28,8 +34,13 @@ def available_backends():
     return _backends.available_backends()
 
 
-def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=None,
-            running_var=None, momentum=0.1, eps=1e-5, activation=None, out=None, backend=None):
+def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
+            axis: int = 1, training: bool = True,
+            running_mean: NDArray[np.floating[Any]] | None = None,
+            running_var: NDArray[np.floating[Any]] | None = None, momentum: float = 0.1,
+            eps: float = 1e-5, activation: ActivationName | None = None,
+            out: NDArray[Any] | None = None,
+            backend: BackendName | None = None) -> ForwardResult:
     """Batch normalization forward pass.
 
     Over every axis of ``x`` but ``axis``::
@@ -111,8 +122,11 @@ def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=Non
     return _dispatch.forward(args)
 
 
-def backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, training=True,
-             activation=None, out=None, backend=None):
+def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+             gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *, axis: int = 1,
+             training: bool = True, activation: ActivationName | None = None,
+             out: NDArray[Any] | None = None,
+             backend: BackendName | None = None) -> BackwardResult:
     """Batch normalization backward pass.
 
     With ``xhat = (x - mean) * invstd`` and sums over every axis but ``axis``::
@@ -173,7 +187,7 @@ def backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, training=Tru
     return _dispatch.backward(args)
 
 
-def set_num_threads(n):
+def set_num_threads(n: int) -> None:
     """Set how many threads fastbn's kernels use.
 
     One process-wide count, for both compiled backends and calls from every Python thread
@@ -208,7 +222,7 @@ def set_num_threads(n):
     _backends.set_num_threads(n)
 
 
-def get_num_threads():
+def get_num_threads() -> int:
     """The number of threads fastbn's kernels use (see :func:`set_num_threads`).
 
     Raises

@@ -7,11 +7,18 @@ cumulative average, and ``track_running_stats=False`` normalizing with batch sta
 in eval mode too.
 """
 import numbers
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import api
+from ._common import ActivationName, StatsArray, XArray
 from ._validate import _axis, _float_array
+
+#: The layer's parameters and running statistics: its ``dtype``.
+StateArray = NDArray[np.floating[Any]]
 
 
 class BatchNorm:
@@ -31,7 +38,7 @@ class BatchNorm:
         Learn ``weight`` (gamma, initially 1) and ``bias`` (beta, initially 0).
     track_running_stats : bool
         Keep running statistics and use them in eval mode.
-    activation : None
+    activation : {None, "relu"}
         Passed to :func:`fastbn.forward`.
     dtype : float dtype
         dtype of parameters and running statistics (inputs may be float32 or float64).
@@ -59,14 +66,33 @@ class BatchNorm:
     ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight']
     """
 
-    def __init__(self, num_features, *, axis=1, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, activation=None, dtype=np.float32):
+    num_features: int
+    axis: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    activation: ActivationName | None
+    dtype: np.dtype[Any]
+    weight: StateArray | None
+    bias: StateArray | None
+    grad_gamma: StateArray | None
+    grad_beta: StateArray | None
+    running_mean: StateArray | None
+    running_var: StateArray | None
+    num_batches_tracked: int
+    training: bool
+
+    def __init__(self, num_features: int, *, axis: int = 1, eps: float = 1e-5,
+                 momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, activation: ActivationName | None = None,
+                 dtype: DTypeLike = np.float32) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) \
                 or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
-        dtype = np.dtype(dtype)
-        if dtype.kind != "f":
-            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        state_dtype = np.dtype(dtype)
+        if state_dtype.kind != "f":
+            raise TypeError(f"dtype must be a floating dtype, got {state_dtype}")
         if momentum is not None and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
         C = int(num_features)
@@ -77,46 +103,48 @@ class BatchNorm:
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.activation = activation
-        self.dtype = dtype
-        self.weight = np.ones(C, dtype) if affine else None
-        self.bias = np.zeros(C, dtype) if affine else None
+        self.dtype = state_dtype
+        self.weight = np.ones(C, state_dtype) if affine else None
+        self.bias = np.zeros(C, state_dtype) if affine else None
         self.grad_gamma = self.grad_beta = None
         if track_running_stats:
-            self.running_mean = np.zeros(C, dtype)
-            self.running_var = np.ones(C, dtype)
+            self.running_mean = np.zeros(C, state_dtype)
+            self.running_var = np.ones(C, state_dtype)
         else:
             self.running_mean = self.running_var = None
         self.num_batches_tracked = 0
         self.training = True
-        self._saved = None
+        self._saved: tuple[XArray, StatsArray, StatsArray, bool] | None = None
 
     # --- modes and state ----------------------------------------------------------------------
-    def train(self, mode=True):
+    def train(self, mode: bool = True) -> "BatchNorm":
         """Training mode (batch statistics, running statistics updated); returns self."""
         self.training = bool(mode)
         return self
 
-    def eval(self):
+    def eval(self) -> "BatchNorm":
         """Eval mode (running statistics, if tracked); returns self."""
         return self.train(False)
 
-    def parameters(self):
+    def parameters(self) -> list[StateArray]:
         """The learnable arrays, [weight, bias] (empty without affine): update them in place."""
-        return [self.weight, self.bias] if self.affine else []
+        if self.weight is None or self.bias is None:
+            return []
+        return [self.weight, self.bias]
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, NDArray[Any]]:
         """Copies of the state under PyTorch's names."""
-        state = {}
-        if self.affine:
+        state: dict[str, NDArray[Any]] = {}
+        if self.weight is not None and self.bias is not None:
             state["weight"] = self.weight.copy()
             state["bias"] = self.bias.copy()
-        if self.track_running_stats:
+        if self.running_mean is not None and self.running_var is not None:
             state["running_mean"] = self.running_mean.copy()
             state["running_var"] = self.running_var.copy()
             state["num_batches_tracked"] = np.array(self.num_batches_tracked, np.int64)
         return state
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: Mapping[str, ArrayLike]) -> None:
         """Load a state dict (ours, or a PyTorch one converted with ``.numpy()``), checking keys
         and shapes before writing anything."""
         expected = set(self.state_dict())
@@ -135,7 +163,7 @@ class BatchNorm:
             self.num_batches_tracked = int(np.asarray(state["num_batches_tracked"]))
 
     # --- passes -------------------------------------------------------------------------------
-    def forward(self, x):
+    def forward(self, x: ArrayLike) -> XArray:
         """Normalize x (its feature axis is ``axis``); keeps what backward needs.
 
         Raises
@@ -143,7 +171,7 @@ class BatchNorm:
         ValueError
             x's length along ``axis`` is not ``num_features``; and as :func:`fastbn.forward`.
         """
-        x = self._checked_input(x)
+        x_array = self._checked_input(x)
         factor = 0.0 if self.momentum is None else self.momentum
         update = self.training and self.track_running_stats
         if update:
@@ -153,33 +181,32 @@ class BatchNorm:
         batch_stats = self.training or not self.track_running_stats
         running = (self.running_mean, self.running_var) if (update or not batch_stats) \
             else (None, None)
-        y, mean, invstd = api.forward(x, self.weight, self.bias, axis=self.axis,
+        y, mean, invstd = api.forward(x_array, self.weight, self.bias, axis=self.axis,
                                       training=batch_stats, running_mean=running[0],
                                       running_var=running[1], momentum=factor, eps=self.eps,
                                       activation=self.activation)
         if update:  # only once forward succeeded
             self.num_batches_tracked = tracked
-        self._saved = (np.asarray(x), mean, invstd, batch_stats)
+        self._saved = (x_array, mean, invstd, batch_stats)
         return y
 
-    def _checked_input(self, x):
+    def _checked_input(self, x: ArrayLike) -> XArray:
         """x as an array whose feature axis has ``num_features`` entries. Checked here, before
         :func:`fastbn.forward` would report the mismatch against ``weight`` or
         ``running_mean``, arrays the caller never passed."""
-        x = _float_array(x, "x")
-        if x.ndim < 2:
-            return x  # fastbn.forward explains what x needs
-        axis = _axis(self.axis, x.ndim)
-        C = x.shape[axis]
+        arr = _float_array(x, "x")
+        if arr.ndim < 2:
+            return arr  # fastbn.forward explains what x needs
+        C = arr.shape[_axis(self.axis, arr.ndim)]
         if C != self.num_features:
             layer = f"BatchNorm({C})" if self.axis == 1 else f"BatchNorm({C}, axis={self.axis})"
             raise ValueError(
-                f"x has {C} channels along axis {self.axis} (shape {x.shape}), but this "
+                f"x has {C} channels along axis {self.axis} (shape {arr.shape}), but this "
                 f"BatchNorm has num_features={self.num_features}; pass an x with "
                 f"{self.num_features} channels there, or create the layer as {layer}")
-        return x
+        return arr
 
-    def backward(self, dy):
+    def backward(self, dy: ArrayLike) -> XArray:
         """dx for the last forward's input; stores ``grad_gamma`` and ``grad_beta``."""
         if self._saved is None:
             raise RuntimeError("backward() needs a forward() first")
@@ -194,7 +221,7 @@ class BatchNorm:
 
     __call__ = forward
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"BatchNorm({self.num_features}, axis={self.axis}, eps={self.eps}, "
                 f"momentum={self.momentum}, affine={self.affine}, "
                 f"track_running_stats={self.track_running_stats}, "

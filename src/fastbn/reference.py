@@ -13,33 +13,46 @@ Conventions (shared by all backends):
   near 1e4 is off by up to 5e-4 from the true one, which after scaling by ``invstd`` would cost
   more accuracy than everything else together; a ``mean`` that differs by more is used as given.
 """
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
-from ._common import BackwardResult, ForwardResult, stats_dtype, update_running_stats
-from ._validate import backward_args, forward_args
+from ._common import (ActivationName, BackendName, BackwardResult, ForwardResult, XArray,
+                      stats_dtype, update_running_stats)
+from ._validate import BackwardArgs, ForwardArgs, backward_args, forward_args
 
 
-def forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=None,
-            running_var=None, momentum=0.1, eps=1e-5, activation=None, out=None, backend=None):
+def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
+            axis: int = 1, training: bool = True,
+            running_mean: NDArray[np.floating[Any]] | None = None,
+            running_var: NDArray[np.floating[Any]] | None = None, momentum: float = 0.1,
+            eps: float = 1e-5, activation: ActivationName | None = None,
+            out: NDArray[Any] | None = None,
+            backend: BackendName | None = None) -> ForwardResult:
     """Reference batch-norm forward; see :func:`fastbn.forward` for the contract."""
     args = forward_args(x, gamma, beta, axis, training, running_mean, running_var, momentum,
                         eps, activation, out, backend)
     return forward_checked(args)
 
 
-def backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, training=True,
-             activation=None, out=None, backend=None):
+def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+             gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *, axis: int = 1,
+             training: bool = True, activation: ActivationName | None = None,
+             out: NDArray[Any] | None = None,
+             backend: BackendName | None = None) -> BackwardResult:
     """Reference batch-norm backward; see :func:`fastbn.backward` for the contract."""
     args = backward_args(dy, x, mean, invstd, gamma, beta, axis, training, activation, out,
                          backend)
     return backward_checked(args)
 
 
-def _channels_last64(arr, axis):
+def _channels_last64(arr: XArray, axis: int) -> NDArray[np.float64]:
     return np.moveaxis(arr, axis, -1).astype(np.float64)
 
 
-def _write(result64, args, like):
+def _write(result64: NDArray[np.float64], args: ForwardArgs | BackwardArgs,
+           like: XArray) -> XArray:
     """Cast a channels-last float64 result back to x's layout and dtype (into out if given)."""
     result = np.moveaxis(result64, -1, args.axis).astype(like.dtype)
     if args.out is None:
@@ -48,14 +61,15 @@ def _write(result64, args, like):
     return args.out
 
 
-def forward_checked(args):
+def forward_checked(args: ForwardArgs) -> ForwardResult:
     """Forward on validated arguments (a :class:`fastbn._validate.ForwardArgs`)."""
     x64 = _channels_last64(args.x, args.axis)
     over = tuple(range(x64.ndim - 1))
     if args.training:
         mean = x64.mean(axis=over)
         var = np.square(x64 - mean).mean(axis=over)
-    else:
+    else:  # validation made sure that eval mode has running statistics
+        assert args.running_mean is not None and args.running_var is not None
         mean = args.running_mean.astype(np.float64)
         var = args.running_var.astype(np.float64)
     invstd = 1.0 / np.sqrt(var + args.eps)
@@ -71,7 +85,7 @@ def forward_checked(args):
     return ForwardResult(y, mean.astype(sdt), invstd.astype(sdt))
 
 
-def backward_checked(args):
+def backward_checked(args: BackwardArgs) -> BackwardResult:
     """Backward on validated arguments (a :class:`fastbn._validate.BackwardArgs`)."""
     x64 = _channels_last64(args.x, args.axis)
     dy64 = _channels_last64(args.dy, args.axis)
