@@ -6,13 +6,31 @@ and batches, then plots the training-loss curves and prints test accuracies:
 
     python3 examples/digits_mlp.py [--out digits_bn.png] [--epochs 30]
 
-Needs scikit-learn (the data ships with it) and matplotlib for the plot.
+Needs scikit-learn (the data ships with it) and matplotlib for the plot: from a clone of
+fastbn, ``python3 -m pip install ".[examples]"`` installs both.
 """
 import argparse
+import importlib
+import sys
 
 import numpy as np
 
 import fastbn
+
+#: The packages this example needs beyond fastbn: (module, distribution, what for).
+EXTRAS = (("sklearn", "scikit-learn", "the digits data"), ("matplotlib", "matplotlib", "the plot"))
+
+
+def require(module):
+    """Import one of EXTRAS, or raise an ImportError that says how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        _, package, purpose = next(e for e in EXTRAS if e[0] == module)
+        raise ImportError(
+            f"examples/digits_mlp.py needs {package} for {purpose}, which is not installed. "
+            f'From a clone of fastbn, install the examples extra: python3 -m pip install '
+            f'".[examples]" (or: python3 -m pip install {package})') from exc
 
 
 class Linear:
@@ -127,6 +145,7 @@ def accuracy(layers, X, y):
 
 
 def load_data(seed=0):
+    require("sklearn")
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -151,8 +170,7 @@ def run(epochs=30, rates=(0.02, 2.0), sizes=(64, 256, 256, 10)):
 
 
 def plot(results, path):
-    import matplotlib
-
+    matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -181,6 +199,11 @@ def main(argv=None):
     parser.add_argument("--out", default="digits_bn.png")
     parser.add_argument("--epochs", type=int, default=30)
     opts = parser.parse_args(argv)
+    try:  # both before the training run, not after it
+        for module, _, _ in EXTRAS:
+            require(module)
+    except ImportError as exc:
+        sys.exit(f"error: {exc}")
     results = run(epochs=opts.epochs)
     for (batchnorm, lr), (losses, acc) in sorted(results.items(), key=lambda kv: kv[0][::-1]):
         first = np.mean(losses[:20])

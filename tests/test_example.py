@@ -1,11 +1,12 @@
 """The worked example's code path (examples/digits_mlp.py), on a few steps."""
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-pytest.importorskip("sklearn")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "digits_mlp.py"
 
 
@@ -40,6 +41,7 @@ def test_mlp_gradients_match_finite_differences(example):
 
 
 def test_training_steps_lower_the_loss_with_and_without_batchnorm(example, tmp_path):
+    pytest.importorskip("sklearn")
     X_train, y_train, X_test, y_test = example.load_data()
     results = {}
     for batchnorm in (False, True):
@@ -51,3 +53,27 @@ def test_training_steps_lower_the_loss_with_and_without_batchnorm(example, tmp_p
     pytest.importorskip("matplotlib")
     example.plot(results, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+# The example run as a script with one of its packages made unimportable (None in sys.modules).
+_BLOCKED_RUN = """
+import runpy, sys
+sys.modules[sys.argv[1]] = None
+sys.argv = [sys.argv[2], "--epochs", "1", "--out", sys.argv[3]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.backends("numba")  # a message, whatever the backend: one run
+@pytest.mark.parametrize("module,package", [("sklearn", "scikit-learn"),
+                                            ("matplotlib", "matplotlib")])
+def test_missing_package_names_the_examples_extra_before_training(module, package, tmp_path):
+    out = tmp_path / "plot.png"
+    proc = subprocess.run([sys.executable, "-c", _BLOCKED_RUN, module, str(EXAMPLE), str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert f"needs {package}" in proc.stderr, proc.stderr
+    assert 'python3 -m pip install ".[examples]"' in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert "BatchNorm: loss" not in proc.stdout  # it stopped before training
+    assert not out.exists()
