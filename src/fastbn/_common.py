@@ -1,5 +1,5 @@
 """What every backend shares after its kernels ran: the result tuples and the update of the
-running statistics (done once, here, so that all backends follow PyTorch's convention alike)."""
+running statistics (done once, here, so that all backends follow the same convention)."""
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
@@ -42,14 +42,16 @@ def stats_dtype(x_dtype: np.dtype[Any]) -> np.dtype[np.float32 | np.float64]:
 
 def update_running_stats(args: "ForwardArgs", batch_mean: NDArray[np.float64],
                          batch_var: NDArray[np.float64]) -> None:
-    """PyTorch's update, ``r = (1 - momentum) * r + momentum * batch``, with the unbiased batch
-    variance. Both new vectors are computed (in float64) before either is written, and the two
+    """The update ``r = (1 - momentum) * r + momentum * batch``, the batch variance multiplied by
+    ``args.running_var_factor`` (``m / (m - 1)``, the unbiased variance, as PyTorch; 1.0 for
+    the biased one, as Flax and Keras, whose ``momentum`` is ``1 -`` this one). Both new
+    vectors are computed (in float64) before either is written, and the two
     writes cannot fail once validation passed, so the statistics are never half-updated."""
     running_mean, running_var = args.running_mean, args.running_var
     if running_mean is None or running_var is None:
         return
     momentum = args.momentum
-    unbiased = batch_var * (args.m / (args.m - 1))
+    unbiased = batch_var * args.running_var_factor
     new_mean = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * batch_mean
     new_var = (1.0 - momentum) * running_var.astype(np.float64) + momentum * unbiased
     running_mean[...] = new_mean

@@ -1090,28 +1090,28 @@ def eval_coefficients(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.nda
 
 cdef void _update_running(floating *rm, Py_ssize_t sm, floating *rv, Py_ssize_t sv,
                           const double *stats, Py_ssize_t C, double momentum,
-                          double m) noexcept nogil:
-    cdef double unbias = m / (m - 1.0)
+                          double var_factor) noexcept nogil:
     cdef double new_mean, new_var
     cdef Py_ssize_t c
     for c in range(C):
         new_mean = (1.0 - momentum) * rm[c * sm] + momentum * stats[c]
-        new_var = (1.0 - momentum) * rv[c * sv] + momentum * (stats[C + c] * unbias)
+        new_var = (1.0 - momentum) * rv[c * sv] + momentum * (stats[C + c] * var_factor)
         rm[c * sm] = <floating> new_mean
         rv[c * sv] = <floating> new_var
 
 
 def update_running_stats(cnp.ndarray running_mean, cnp.ndarray running_var, cnp.ndarray stats,
-                         double momentum, Py_ssize_t m):
+                         double momentum, double var_factor):
     """The twin of fastbn._common.update_running_stats (same operations, same bits), for
-    running statistics of one dtype, float32 or float64, with aligned element strides."""
+    running statistics of one dtype, float32 or float64, with aligned element strides.
+    ``var_factor`` multiplies the batch variance (m / (m - 1): unbiased; 1.0: biased)."""
     cdef Strided mv = _strided(running_mean), vv = _strided(running_var)
     if _is_float(running_mean):
         _update_running(<float *> mv.data, mv.s0, <float *> vv.data, vv.s0, _f64(stats),
-                        mv.n0, momentum, <double> m)
+                        mv.n0, momentum, var_factor)
     else:
         _update_running(<double *> mv.data, mv.s0, <double *> vv.data, vv.s0, _f64(stats),
-                        mv.n0, momentum, <double> m)
+                        mv.n0, momentum, var_factor)
 
 
 # --- half precision: float16/bfloat16 bit patterns (uint16 arrays) <-> float32, 1-D dense -------

@@ -40,7 +40,7 @@ def _update_running(K, args, stats):
     if rm.dtype in _KERNEL_FLOATS and rv.dtype in _KERNEL_FLOATS and (
             K is not _import_cython() or (rm.dtype == rv.dtype and rm.flags.aligned
                                           and rv.flags.aligned)):
-        K.update_running_stats(rm, rv, stats, args.momentum, args.m)
+        K.update_running_stats(rm, rv, stats, args.momentum, args.running_var_factor)
     else:
         update_running_stats(args, stats[0], stats[1])
 

@@ -708,13 +708,13 @@ def backward_relu_inner(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, bias, t
 
 
 @njit(**_OPTIONS)
-def update_running_stats(running_mean, running_var, stats, momentum, m):
+def update_running_stats(running_mean, running_var, stats, momentum, var_factor):
     """The compiled twin of fastbn._common.update_running_stats (same operations in the same
-    order, so the same bits; there it is about 6 us of NumPy calls per step)."""
-    unbias = m / (m - 1)
+    order, so the same bits; there it is about 6 us of NumPy calls per step). ``var_factor``
+    multiplies the batch variance: m / (m - 1) for the unbiased one, 1.0 for the biased."""
     for c in range(running_mean.shape[0]):
         new_mean = (1.0 - momentum) * running_mean[c] + momentum * stats[0, c]
-        new_var = (1.0 - momentum) * running_var[c] + momentum * (stats[1, c] * unbias)
+        new_var = (1.0 - momentum) * running_var[c] + momentum * (stats[1, c] * var_factor)
         running_mean[c] = new_mean
         running_var[c] = new_var
 

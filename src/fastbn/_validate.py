@@ -37,7 +37,8 @@ class ForwardArgs:
     """The resolved arguments of one forward call."""
 
     __slots__ = ("x", "axis", "C", "m", "gamma", "beta", "training", "running_mean",
-                 "running_var", "momentum", "eps", "activation", "out", "backend")
+                 "running_var", "momentum", "running_var_factor", "eps", "activation", "out",
+                 "backend")
     x: NDArray[Any]
     axis: int  # in [0, x.ndim)
     C: int
@@ -48,6 +49,7 @@ class ForwardArgs:
     running_mean: NDArray[np.floating[Any]] | None
     running_var: NDArray[np.floating[Any]] | None
     momentum: float
+    running_var_factor: float  # what the batch variance is multiplied by in the update
     eps: float
     activation: str | None
     out: NDArray[Any] | None
@@ -196,8 +198,11 @@ def _same_view(a, b):
 
 
 def forward_args(x, gamma, beta, axis, training, running_mean, running_var, momentum, eps,
-                 activation, out, backend):
-    """Check the arguments of :func:`fastbn.forward`; returns a :class:`ForwardArgs`."""
+                 activation, out, backend, unbiased_running_var=True):
+    """Check the arguments of :func:`fastbn.forward`; returns a :class:`ForwardArgs`.
+
+    ``running_var_factor`` is what the batch variance is multiplied by in the running update:
+    ``m / (m - 1)`` (unbiased, PyTorch) or 1.0 (biased, Flax and Keras)."""
     a = ForwardArgs()
     a.x = x = _float_array(x, "x")
     if x.ndim < 2:
@@ -227,6 +232,8 @@ def forward_args(x, gamma, beta, axis, training, running_mean, running_var, mome
                     raise ValueError(f"{name} must be writable: training updates it in place")
             if np.may_share_memory(a.running_mean, a.running_var):
                 raise ValueError("running_mean and running_var must not share memory")
+    unbiased = _flag(unbiased_running_var, "unbiased_running_var")
+    a.running_var_factor = a.m / (a.m - 1) if unbiased and a.m > 1 else 1.0
     if a.training:
         if a.m < 2:
             raise ValueError(f"x: training needs at least 2 values per feature to estimate a "

@@ -40,7 +40,8 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
             running_var: NDArray[np.floating[Any]] | None = None, momentum: float = 0.1,
             eps: float = 1e-5, activation: ActivationName | None = None,
             out: NDArray[Any] | None = None,
-            backend: BackendName | None = None) -> ForwardResult:
+            backend: BackendName | None = None,
+            unbiased_running_var: bool = True) -> ForwardResult:
     """Batch normalization forward pass.
 
     Over every axis of ``x`` but ``axis``::
@@ -64,7 +65,7 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
         True: normalize with the batch statistics and, if ``running_mean`` and
         ``running_var`` are given, update them in place:
         ``r = (1 - momentum) * r + momentum * batch``, with the unbiased batch variance
-        (``var * m / (m - 1)``), as PyTorch does. False: normalize with the running statistics,
+        (``var * m / (m - 1)``), as PyTorch does (see ``unbiased_running_var``). False: normalize with the running statistics,
         which are then required.
     running_mean, running_var : ndarray (C,), floating, optional
         Both or neither. Updated in place in training (computed in float64, stored in their
@@ -81,6 +82,12 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
     backend : {None, "numba", "cython", "reference"}
         None takes ``$FASTBN_BACKEND`` if set, else the default (the first of
         :func:`available_backends`). "cython" needs the optional compiled extension.
+    unbiased_running_var : bool
+        Which batch variance the running variance takes in training: True, the unbiased
+        ``var * m / (m - 1)`` (PyTorch's convention); False, the biased ``var`` itself (Flax's
+        and Keras', whose layers also count ``momentum`` the other way round: their
+        ``momentum=0.99`` is this function's ``momentum=0.01``). Used only when running
+        statistics are updated.
 
     Returns
     -------
@@ -94,7 +101,7 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
     ------
     TypeError
         x not array-like or not of a float dtype above; a parameter not floating; training
-        not a bool.
+        or unbiased_running_var not a bool.
     ValueError
         x.ndim < 2; axis out of range; a parameter of length != C; fewer than 2 values per
         feature in training; training=False without running statistics; a bad ``out``;
@@ -118,7 +125,7 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
     (True, dtype('float32'), (4,))
     """
     args = forward_args(x, gamma, beta, axis, training, running_mean, running_var, momentum,
-                        eps, activation, out, backend)
+                        eps, activation, out, backend, unbiased_running_var)
     return _dispatch.forward(args)
 
 

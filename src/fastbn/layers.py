@@ -40,6 +40,9 @@ class BatchNorm:
         Keep running statistics and use them in eval mode.
     activation : {None, "relu"}
         Passed to :func:`fastbn.forward`.
+    unbiased_running_var : bool
+        The running variance takes the unbiased batch variance (True, PyTorch) or the biased
+        one (False, as Flax and Keras; their ``momentum`` is ``1 -`` this one's).
     dtype : float dtype
         dtype of parameters and running statistics (inputs may be float32 or float64).
 
@@ -73,6 +76,7 @@ class BatchNorm:
     affine: bool
     track_running_stats: bool
     activation: ActivationName | None
+    unbiased_running_var: bool
     dtype: np.dtype[Any]
     weight: StateArray | None
     bias: StateArray | None
@@ -86,7 +90,7 @@ class BatchNorm:
     def __init__(self, num_features: int, *, axis: int = 1, eps: float = 1e-5,
                  momentum: float | None = 0.1, affine: bool = True,
                  track_running_stats: bool = True, activation: ActivationName | None = None,
-                 dtype: DTypeLike = np.float32) -> None:
+                 dtype: DTypeLike = np.float32, unbiased_running_var: bool = True) -> None:
         if isinstance(num_features, bool) or not isinstance(num_features, numbers.Integral) \
                 or num_features < 1:
             raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
@@ -103,6 +107,7 @@ class BatchNorm:
         self.affine = affine
         self.track_running_stats = track_running_stats
         self.activation = activation
+        self.unbiased_running_var = unbiased_running_var
         self.dtype = state_dtype
         self.weight = np.ones(C, state_dtype) if affine else None
         self.bias = np.zeros(C, state_dtype) if affine else None
@@ -184,7 +189,8 @@ class BatchNorm:
         y, mean, invstd = api.forward(x_array, self.weight, self.bias, axis=self.axis,
                                       training=batch_stats, running_mean=running[0],
                                       running_var=running[1], momentum=factor, eps=self.eps,
-                                      activation=self.activation)
+                                      activation=self.activation,
+                                      unbiased_running_var=self.unbiased_running_var)
         if update:  # only once forward succeeded
             self.num_batches_tracked = tracked
         self._saved = (x_array, mean, invstd, batch_stats)

@@ -6,8 +6,9 @@ channels-last and converted to float64, and every statistic is a NumPy reduction
 
 Conventions (shared by all backends):
 - the variance is the biased one, ``mean((x - mean)**2)``; ``invstd = 1 / sqrt(var + eps)``;
-- the running statistics follow PyTorch (unbiased batch variance, see
-  :func:`fastbn._common.update_running_stats`);
+- the running statistics follow PyTorch (unbiased batch variance) unless
+  ``unbiased_running_var=False`` (the biased one, as Flax and Keras); see
+  :func:`fastbn._common.update_running_stats`;
 - in training, :func:`backward` uses the float64 batch mean of x in place of ``mean`` when the
   two agree to within one unit in the last place of ``mean``'s dtype. A float32 mean of data
   near 1e4 is off by up to 5e-4 from the true one, which after scaling by ``invstd`` would cost
@@ -29,10 +30,11 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
             running_var: NDArray[np.floating[Any]] | None = None, momentum: float = 0.1,
             eps: float = 1e-5, activation: ActivationName | None = None,
             out: NDArray[Any] | None = None,
-            backend: BackendName | None = None) -> ForwardResult:
+            backend: BackendName | None = None,
+            unbiased_running_var: bool = True) -> ForwardResult:
     """Reference batch-norm forward; see :func:`fastbn.forward` for the contract."""
     args = forward_args(x, gamma, beta, axis, training, running_mean, running_var, momentum,
-                        eps, activation, out, backend)
+                        eps, activation, out, backend, unbiased_running_var)
     return forward_checked(args)
 
 
