@@ -1,0 +1,30 @@
+"""fastbn.keras.BatchNormalization against Keras' own layer, one subprocess per backend (Keras
+reads KERAS_BACKEND once, at import): weights after several fit steps, eval and training
+outputs, input and weight gradients, trainable=False, half inputs, config and errors, and a
+spy proving fastbn's kernels ran. The checks are in tests/_keras_backend_check.py."""
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+if importlib.util.find_spec("keras") is None:  # importing it here would fix its backend
+    pytest.skip("keras is not installed", allow_module_level=True)
+
+SCRIPT = pathlib.Path(__file__).with_name("_keras_backend_check.py")
+
+
+@pytest.mark.backends("numba")  # the kernels' backends are compared elsewhere; this is slow
+@pytest.mark.parametrize("keras_backend,framework", [("jax", "jax"), ("torch", "torch"),
+                                                     ("tensorflow", "tensorflow")])
+def test_matches_keras_on_backend(keras_backend, framework):
+    if importlib.util.find_spec(framework) is None:
+        pytest.skip(f"{framework} is not installed")
+    env = dict(os.environ, KERAS_BACKEND=keras_backend)  # FASTBN_BACKEND: this run's, from conftest
+    src = str(pathlib.Path(__file__).parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    done = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", str(SCRIPT)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
