@@ -11,8 +11,6 @@ jnp = jax.numpy
 import fastbn.api  # noqa: E402
 import fastbn.flax  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:jax.*",
-                                        "ignore::DeprecationWarning:flax.*")
 
 LAYOUTS = [("NHWC", (4, 3, 2, 5), -1), ("NCHW", (4, 5, 3, 2), 1)]
 

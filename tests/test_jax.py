@@ -14,7 +14,6 @@ import fastbn.api  # noqa: E402
 import fastbn.jax  # noqa: E402
 from fastbn import reference  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:jax.*")
 
 # (name, shape, feature axis)
 LAYOUTS = [("NCHW", (4, 3, 2, 5), 1), ("NHWC", (4, 2, 5, 3), -1)]
@@ -223,16 +222,17 @@ def test_bad_arguments_raise_while_tracing(kwargs, error, words, kernel_calls):
     assert kernel_calls["forward"] == 0
 
 
-def test_importing_fastbn_imports_no_framework_and_a_missing_jax_names_the_extra():
+def test_importing_fastbn_imports_no_framework_and_a_missing_one_names_the_extra():
     code = ("import sys, fastbn\n"
             "assert not {'jax', 'flax', 'keras'} & set(sys.modules), 'imported'\n"
-            "sys.modules['jax'] = None\n"
-            "try:\n"
-            "    import fastbn.jax\n"
-            "except ImportError as exc:\n"
-            "    assert 'fastbn[jax]' in str(exc), exc\n"
-            "else:\n"
-            "    raise AssertionError('no ImportError')\n")
+            "for module, extra in (('jax', 'jax'), ('flax', 'flax'), ('keras', 'keras')):\n"
+            "    sys.modules[module] = None\n"
+            "    try:\n"
+            "        __import__('fastbn.' + module)\n"
+            "    except ImportError as exc:\n"
+            "        assert f'fastbn[{extra}]' in str(exc), exc\n"
+            "    else:\n"
+            "        raise AssertionError('no ImportError for ' + module)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0, done.stderr
@@ -241,3 +241,12 @@ def test_importing_fastbn_imports_no_framework_and_a_missing_jax_names_the_extra
 def test_docstring_examples():
     import doctest
     assert doctest.testmod(fastbn.jax).failed == 0
+
+
+@pytest.mark.backends("numba")
+def test_bench_rows_run():
+    from fastbn import bench_frameworks
+    rows = bench_frameworks.run(["jax"], (4, 6, 6, 8), -1, samples=1, threads=1)
+    assert [r["op"] for r in rows] == ["forward", "forward+backward"]
+    assert all(r["native_s"] > 0 and r["fastbn_s"] > 0 for r in rows)
+    assert "| jax forward | 1 |" in bench_frameworks.format_rows(rows, "case")

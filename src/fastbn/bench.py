@@ -696,6 +696,9 @@ def main(argv=None):
     parser.add_argument("--crossover", action="store_true",
                         help="instead of the table: time each kernel on one thread and on the "
                         "team over sizes from 16 KiB to 4 MiB, and print where the team wins")
+    parser.add_argument("--frameworks", metavar="LIST",
+                        help="instead of the table: the adapters beside each framework's own "
+                        "batch norm, for some of jax,flax,keras-jax,keras-torch (or 'all')")
     opts = parser.parse_args(argv)
     if opts.plot:
         require_matplotlib()  # now, not after the run
@@ -716,6 +719,9 @@ def main(argv=None):
             with open(opts.json, "w") as fh:
                 json.dump({"environment": environment(), "crossover": rows}, fh, indent=1)
         return 0
+
+    if opts.frameworks:
+        return _frameworks_main(opts, log)
 
     cases = QUICK_CASES if opts.quick else CASES
     if opts.cases:
@@ -765,6 +771,27 @@ def main(argv=None):
 
         plt.close(plot(rows, opts.plot, env))
         log(f"saved {opts.plot}")
+    return 0
+
+
+def _frameworks_main(opts, log):
+    from . import bench_frameworks
+    names = (bench_frameworks.FRAMEWORKS if opts.frameworks == "all"
+             else [f.strip() for f in opts.frameworks.split(",")])
+    cases = QUICK_CASES[1:2] if opts.quick else (CASES[2], CASES[0])
+    threads = [fastbn_threads()] if not opts.threads else \
+        [int(t) for t in opts.threads.split(",")]
+    samples = opts.samples or (3 if opts.quick else 15)
+    rows = []
+    for case in cases:
+        for n in threads:
+            part = bench_frameworks.run(names, case.shape, case.axis, samples, n, log=log)
+            print()
+            print(bench_frameworks.format_rows(part, f"{case.name}, float32"))
+            rows += [dict(r, case=case.name) for r in part]
+    if opts.json:
+        with open(opts.json, "w") as fh:
+            json.dump({"environment": environment(), "frameworks": rows}, fh, indent=1)
     return 0
 
 
