@@ -152,7 +152,9 @@ def _tensorflow(layer, x, gamma, beta, moving_mean, moving_variance, axis, train
             forward, [x, gamma, beta, moving_mean, moving_variance],
             [x.dtype, stats_dtype, stats_dtype, moving_mean.dtype, moving_variance.dtype],
             stateful=False)
-        y.set_shape(x.shape)
+        y.set_shape(x.shape)  # numpy_function's outputs have unknown shapes
+        for stat in (mean, invstd, new_mean, new_var):
+            stat.set_shape([C])
 
         def grad(dy, *_):  # the running statistics carry no gradient
             dx, dgamma, dbeta = tf.numpy_function(
