@@ -170,8 +170,18 @@ def test_eval_returns_running_statistics_unchanged():
     rm, rv = jnp.arange(3.0), jnp.ones(3) * 2.0
     y, out_rm, out_rv = fastbn.jax.batch_norm(x, training=False, running_mean=rm,
                                               running_var=rv)
-    assert out_rm is rm and out_rv is rv
+    np.testing.assert_array_equal(out_rm, rm)
+    np.testing.assert_array_equal(out_rv, rv)
     np.testing.assert_allclose(y, (x - np.arange(3.0)) / np.sqrt(2.0 + 1e-5), rtol=1e-6)
+
+
+def test_numpy_and_list_inputs_become_jax_arrays():
+    x64 = np.random.default_rng(0).normal(size=(5, 3))  # float64: float32 without x64
+    y = fastbn.jax.batch_norm(x64, [1.0, 2.0, 3.0]).y
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, reference.forward(x64.astype(np.float32),
+                                                    np.array([1.0, 2.0, 3.0])).y, rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_without_running_statistics_none_come_back():
@@ -248,5 +258,5 @@ def test_bench_rows_run():
     from fastbn import bench_frameworks
     rows = bench_frameworks.run(["jax"], (4, 6, 6, 8), -1, samples=1, threads=1)
     assert [r["op"] for r in rows] == ["forward", "forward+backward"]
-    assert all(r["native_s"] > 0 and r["fastbn_s"] > 0 for r in rows)
+    assert all(r["native_s"] > 0 and r["fastbn_s"] > 0 and r["numpy_s"] > 0 for r in rows)
     assert "| jax forward | 1 |" in bench_frameworks.format_rows(rows, "case")

@@ -27,6 +27,7 @@ def _jax_rows(shape, axis, samples):
     import jax
     import jax.numpy as jnp
 
+    import fastbn
     import fastbn.jax
 
     from .bench import interleaved_medians
@@ -53,6 +54,16 @@ def _jax_rows(shape, axis, samples):
         fns[f"{name} forward"] = lambda fwd=fwd: fwd(x, g, b).block_until_ready()
         fns[f"{name} forward+backward"] = \
             lambda grad=grad: jax.block_until_ready(grad(x, g, b))
+    # the same kernels called on NumPy arrays: the difference is the callbacks' cost (JAX's
+    # dispatch, the views, the copy of the outputs into XLA's buffers)
+    xn, wn, gn, bn = (np.asarray(a) for a in (x, w, g, b))
+
+    def numpy_forward_backward():
+        _, mean, invstd = fastbn.forward(xn, gn, bn, axis=axis)
+        fastbn.backward(wn, xn, mean, invstd, gn, axis=axis)
+
+    fns["numpy forward"] = lambda: fastbn.forward(xn, gn, bn, axis=axis)
+    fns["numpy forward+backward"] = numpy_forward_backward
     return _pair_rows("jax", interleaved_medians(fns, samples), ("jax", "fastbn"))
 
 
@@ -174,10 +185,11 @@ def _keras_grad(backend, layer, x, target):
 
 def _pair_rows(framework, times, names):
     native, ours = names
-    ops = sorted({k.split(" ", 1)[1] for k in times}, key=["forward", "forward+backward",
+    ops = sorted({k.split(" ", 1)[1] for k in times if not k.startswith("numpy ")}, key=["forward", "forward+backward",
                                                             "train step"].index)
     return [{"framework": framework, "op": op, "native_s": times[f"{native} {op}"],
-             "fastbn_s": times[f"{ours} {op}"]} for op in ops]
+             "fastbn_s": times[f"{ours} {op}"], "numpy_s": times.get(f"numpy {op}")}
+            for op in ops]
 
 
 def measure(framework, shape, axis, samples, threads):
@@ -216,12 +228,15 @@ def run(frameworks, shape, axis, samples, threads, log=None):
 
 
 def format_rows(rows, label):
-    lines = [f"| {label} | threads | framework ms | fastbn ms | fastbn speedup |",
-             "|---|---|---|---|---|"]
+    """A Markdown table; "fastbn on NumPy" is fastbn.forward/backward called directly, where
+    measured (the JAX rows), so that the adapter's own cost shows."""
+    lines = [f"| {label} | threads | framework ms | fastbn ms | fastbn speedup "
+             "| fastbn on NumPy ms |", "|---|---|---|---|---|---|"]
     for r in rows:
+        numpy_ms = "-" if r.get("numpy_s") is None else f"{r['numpy_s'] * 1e3:.2f}"
         lines.append(f"| {r['framework']} {r['op']} | {r['threads']} | "
                      f"{r['native_s'] * 1e3:.2f} | {r['fastbn_s'] * 1e3:.2f} | "
-                     f"{r['native_s'] / r['fastbn_s']:.2f}x |")
+                     f"{r['native_s'] / r['fastbn_s']:.2f}x | {numpy_ms} |")
     return "\n".join(lines)
 
 

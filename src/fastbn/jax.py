@@ -66,6 +66,8 @@ def batch_norm(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=
     Parameters
     ----------
     x : jax.Array, float32, float64 (with ``jax_enable_x64``), float16 or bfloat16, ndim >= 2
+        NumPy arrays and lists are converted with ``jnp.asarray`` (float64 to float32 unless
+        ``jax_enable_x64`` is set).
     gamma, beta : jax.Array (C,), floating, optional
         Scale and shift; None means 1 and 0.
     axis : int
@@ -112,13 +114,18 @@ def batch_norm(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=
     >>> jax.grad(loss)(x).shape
     (8, 3, 4, 4)
     """
+    # NumPy arrays and lists become JAX arrays first (float64 ones float32 unless
+    # jax_enable_x64 is set), so that the checks below see the dtypes the kernels will get
+    x, gamma, beta, running_mean, running_var = (
+        None if a is None else jnp.asarray(a)
+        for a in (x, gamma, beta, running_mean, running_var))
     args = forward_args(_shadow(x), _shadow(gamma), _shadow(beta), axis, training,
                         _shadow(running_mean, writable=True),
                         _shadow(running_var, writable=True), momentum, eps, activation, None,
                         backend)
     cfg = _Config(args.axis, args.training, args.momentum, args.eps,
                   _flag(unbiased_running_var), args.activation, args.backend)
-    return BatchNormResult(*_batch_norm(cfg, x, gamma, beta, running_mean, running_var))
+    return BatchNormResult(*_compiled(cfg, x, gamma, beta, running_mean, running_var))
 
 
 def _flag(value):
@@ -132,10 +139,7 @@ def _shadow(value, writable=False):
     fastbn's own validation checks a JAX array, or a tracer, while tracing."""
     if value is None:
         return None
-    shape, dtype = np.shape(value), getattr(value, "dtype", None)
-    if dtype is None:  # Python scalars and lists: validation judges them itself
-        return value
-    dtype = np.dtype(dtype)
+    shape, dtype = value.shape, np.dtype(value.dtype)
     if writable:
         return np.zeros(shape, dtype)  # (C,): running statistics must be writable arrays
     return np.broadcast_to(np.zeros((), dtype), shape)
@@ -161,11 +165,19 @@ def _forward(cfg, x, gamma, beta, running_mean, running_var):
               _struct(running_mean) if update else None,
               _struct(running_var) if update else None)
     y, mean, invstd, new_mean, new_var = jax.pure_callback(
-        functools.partial(_forward_host, cfg), shapes, x, gamma, beta, running_mean,
+        _hosts(cfg)[0], shapes, x, gamma, beta, running_mean,
         running_var, vmap_method="sequential")
     if not update:
         new_mean, new_var = running_mean, running_var
     return (y, new_mean, new_var), (mean, invstd)
+
+
+@functools.lru_cache(maxsize=None)
+def _hosts(cfg):
+    """The forward and backward callbacks of one configuration, the same objects every time:
+    JAX caches what it compiles for a callback by the callback's identity, so a new partial
+    per call would recompile every eager call."""
+    return functools.partial(_forward_host, cfg), functools.partial(_backward_host, cfg)
 
 
 def _forward_host(cfg, x, gamma, beta, running_mean, running_var):
@@ -201,7 +213,7 @@ def _batch_norm_bwd(cfg, residuals, cotangents):
     dy, d_new_mean, d_new_var = cotangents
     shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), _struct(mean), _struct(mean))
     dx, dgamma, dbeta = jax.pure_callback(
-        functools.partial(_backward_host, cfg), shapes, dy, x, mean, invstd, gamma, beta,
+        _hosts(cfg)[1], shapes, dy, x, mean, invstd, gamma, beta,
         vmap_method="sequential")
     d_mean = d_var = None
     if running_mean is not None:
@@ -229,3 +241,6 @@ def _backward_host(cfg, dy, x, mean, invstd, gamma, beta):
 
 
 _batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+# Compiled once per configuration and shapes, so that eager calls do not trace every time
+# (inside a caller's jit it is inlined).
+_compiled = jax.jit(_batch_norm, static_argnums=0)
