@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+import fastbn
+
 if importlib.util.find_spec("keras") is None:  # importing it here would fix its backend
     pytest.skip("keras is not installed", allow_module_level=True)
 
@@ -23,8 +25,9 @@ def test_matches_keras_on_backend(keras_backend, framework):
     if importlib.util.find_spec(framework) is None:
         pytest.skip(f"{framework} is not installed")
     env = dict(os.environ, KERAS_BACKEND=keras_backend)  # FASTBN_BACKEND: this run's, from conftest
-    src = str(pathlib.Path(__file__).parents[1] / "src")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    # the fastbn these tests import (an installed one, or a source tree), in the child too
+    here = str(pathlib.Path(fastbn.__file__).parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
     done = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", str(SCRIPT)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -210,6 +210,8 @@ def run(frameworks, shape, axis, samples, threads, log=None):
         if framework not in FRAMEWORKS:
             raise ValueError(f"frameworks must be among {FRAMEWORKS}, got {framework!r}")
         env = dict(os.environ)
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this fastbn
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
         if framework.startswith("keras-"):
             env["KERAS_BACKEND"] = framework.split("-", 1)[1]
         if threads == 1:  # XLA's CPU thread pool, as fastbn's, to one thread
