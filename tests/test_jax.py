@@ -260,3 +260,25 @@ def test_bench_rows_run():
     assert [r["op"] for r in rows] == ["forward", "forward+backward"]
     assert all(r["native_s"] > 0 and r["fastbn_s"] > 0 and r["numpy_s"] > 0 for r in rows)
     assert "| jax forward | 1 |" in bench_frameworks.format_rows(rows, "case")
+
+
+def test_several_calls_in_one_graph_and_in_a_scan():
+    """XLA may run independent callbacks concurrently, and a scan calls one repeatedly."""
+    xs = _data((4, 8, 3))
+
+    @jax.jit
+    def independent(xs):
+        return [fastbn.jax.batch_norm(xs[i]).y for i in range(4)]
+
+    def body(carry, x):
+        y, rm, rv = fastbn.jax.batch_norm(x, running_mean=carry[0], running_var=carry[1])
+        return (rm, rv), y
+
+    (rm, rv), ys = jax.jit(lambda xs: jax.lax.scan(body, (jnp.zeros(3), jnp.ones(3)), xs))(xs)
+    ref_rm, ref_rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    for i, y in enumerate(independent(xs)):
+        want = reference.forward(xs[i], running_mean=ref_rm, running_var=ref_rv).y
+        np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ys[i], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rm, ref_rm, rtol=1e-6)
+    np.testing.assert_allclose(rv, ref_rv, rtol=1e-6)

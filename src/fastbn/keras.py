@@ -70,10 +70,11 @@ class BatchNormalization(keras.layers.BatchNormalization):
     def call(self, inputs, training=None, mask=None):
         """Normalize ``inputs``; see ``keras.layers.BatchNormalization.call``."""
         axis = self.axis % len(inputs.shape)
-        m = math.prod(s for i, s in enumerate(inputs.shape) if i != axis)
+        others = [s for i, s in enumerate(inputs.shape) if i != axis]
+        m = None if None in others else math.prod(others)  # None: a symbolic batch size
         batch_stats = bool(training and self.trainable)
         if (mask is not None or self.renorm or self.synchronized
-                or (batch_stats and m < 2)):
+                or (batch_stats and m is not None and m < 2)):
             return super().call(inputs, training=training, mask=mask)
         compute_dtype = keras.backend.result_type(inputs.dtype, "float32")
         inputs = ops.cast(inputs, compute_dtype)
