@@ -60,9 +60,11 @@ def kernel_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("call", fastbn.jax.CALLS)
 @pytest.mark.parametrize("unbiased", [True, False])
 @pytest.mark.parametrize("name,shape,axis", LAYOUTS, ids=[n for n, _, _ in LAYOUTS])
-def test_training_under_jit_matches_reference(name, shape, axis, unbiased, kernel_calls):
+def test_training_under_jit_matches_reference(name, shape, axis, unbiased, call,
+                                              kernel_calls):
     x = _data(shape)
     C = shape[axis]
     gamma, beta = _data(C, 1), _data(C, 2)
@@ -72,13 +74,13 @@ def test_training_under_jit_matches_reference(name, shape, axis, unbiased, kerne
     def step(x, gamma, beta, rm, rv):
         return fastbn.jax.batch_norm(x, gamma, beta, axis=axis, running_mean=rm,
                                      running_var=rv, momentum=0.2,
-                                     unbiased_running_var=unbiased)
+                                     unbiased_running_var=unbiased, call=call)
 
     y, new_rm, new_rv = step(x, gamma, beta, rm, rv)
     ref_rm, ref_rv = rm.copy(), rv.copy()
     ref = reference.forward(x, gamma, beta, axis=axis, running_mean=ref_rm,
                             running_var=ref_rv, momentum=0.2, unbiased_running_var=unbiased)
-    where = f"{name}, unbiased_running_var={unbiased}"
+    where = f"{name}, unbiased_running_var={unbiased}, call={call}"
     np.testing.assert_allclose(np.asarray(y), ref.y, rtol=1e-5, atol=1e-5, err_msg=where)
     np.testing.assert_allclose(np.asarray(new_rm), ref_rm, rtol=1e-6, err_msg=where)
     np.testing.assert_allclose(np.asarray(new_rv), ref_rv, rtol=1e-6, err_msg=where)
@@ -86,9 +88,10 @@ def test_training_under_jit_matches_reference(name, shape, axis, unbiased, kerne
     assert kernel_calls["forward"] == 1 and kernel_calls["x_writeable"] == [False]
 
 
+@pytest.mark.parametrize("call", fastbn.jax.CALLS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name,shape,axis", LAYOUTS, ids=[n for n, _, _ in LAYOUTS])
-def test_gradients_match_jax_math(name, shape, axis, training, kernel_calls):
+def test_gradients_match_jax_math(name, shape, axis, training, call, kernel_calls):
     x = _data(shape)
     C = shape[axis]
     gamma, beta = _data(C, 1), _data(C, 2)
@@ -103,7 +106,7 @@ def test_gradients_match_jax_math(name, shape, axis, training, kernel_calls):
 
     def ours(x, gamma, beta, rm, rv):
         return fastbn.jax.batch_norm(x, gamma, beta, axis=axis, training=training,
-                                     running_mean=rm, running_var=rv).y
+                                     running_mean=rm, running_var=rv, call=call).y
 
     def theirs(x, gamma, beta, rm, rv):
         return jax_batch_norm(x, gamma, beta, axis, training, rm, rv)
@@ -118,7 +121,8 @@ def test_gradients_match_jax_math(name, shape, axis, training, kernel_calls):
             continue
         scale = max(1.0, float(np.abs(np.asarray(w)).max()))
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4 * scale,
-                                   err_msg=f"d{label}, {name}, training={training}")
+                                   err_msg=f"d{label}, {name}, training={training}, "
+                                           f"call={call}")
     assert kernel_calls["forward"] == 1 and kernel_calls["backward"] == 1
     assert not any(kernel_calls["x_writeable"])
 
@@ -189,6 +193,31 @@ def test_without_running_statistics_none_come_back():
     assert result.running_mean is None and result.running_var is None
 
 
+@pytest.mark.parametrize("call", fastbn.jax.CALLS)
+def test_a_failure_inside_the_computation_surfaces_with_its_message(call, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(fastbn.api, "forward", broken)
+    with pytest.raises(Exception, match="kernel exploded"):
+        jax.jit(lambda x: fastbn.jax.batch_norm(x, call=call).y)(jnp.ones((4, 3))) \
+            .block_until_ready()
+
+
+def test_empty_feature_axis_and_float64_under_x64():
+    y = fastbn.jax.batch_norm(jnp.ones((4, 0, 3)), axis=1).y
+    assert y.shape == (4, 0, 3)
+    with jax.enable_x64(True):
+        x = np.random.default_rng(0).normal(size=(6, 2))
+        y, rm, rv = fastbn.jax.batch_norm(jnp.asarray(x), running_mean=jnp.zeros(2),
+                                          running_var=jnp.ones(2))
+        assert y.dtype == jnp.float64 and rm.dtype == jnp.float64
+        ref_rm, ref_rv = np.zeros(2), np.ones(2)
+        ref = reference.forward(x, running_mean=ref_rm, running_var=ref_rv)
+        np.testing.assert_allclose(y, ref.y, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(rv, ref_rv, rtol=1e-12)
+
+
 def test_bfloat16_input():
     x = jnp.asarray(_data((8, 3, 4)), dtype=jnp.bfloat16)
     y = jax.jit(lambda x: fastbn.jax.batch_norm(x).y)(x)
@@ -222,6 +251,7 @@ def test_kernels_take_jax_read_only_views_without_a_copy(backend):
     (dict(unbiased_running_var=1), TypeError, "unbiased_running_var must be True or False"),
     (dict(x=jnp.ones((4, 3), jnp.int32)), TypeError, "x must have dtype"),
     (dict(x=jnp.ones((1, 3))), ValueError, "at least 2 values per feature"),
+    (dict(call="xla"), ValueError, "call must be one of"),
 ])
 def test_bad_arguments_raise_while_tracing(kwargs, error, words, kernel_calls):
     kwargs = {"x": jnp.ones((4, 3)), **kwargs}

@@ -2,13 +2,22 @@
 
 :func:`batch_norm` takes JAX arrays and the keywords of :func:`fastbn.forward`, and returns the
 output with the *new* running statistics (JAX arrays are immutable, so nothing is updated in
-place). It is a ``jax.custom_vjp`` whose forward and backward are ``jax.pure_callback`` calls
-into :func:`fastbn.forward` and :func:`fastbn.backward`:
+place). It is a ``jax.custom_vjp`` whose forward and backward call :func:`fastbn.forward` and
+:func:`fastbn.backward` from inside the compiled computation, in one of two ways:
 
-- the inputs reach NumPy as read-only views of XLA's buffers, without a copy;
-- XLA copies the outputs (y, the per-feature statistics and, in the backward, dx) once
-  into its own buffers;
-- under ``vmap`` the callback runs once per batch element (``vmap_method="sequential"``);
+- ``call="ffi"`` (the default): a handler registered with XLA's FFI (``jax.ffi.ffi_call``,
+  see :mod:`fastbn._jax_ffi`). XLA allocates the outputs and the kernels write into them:
+  nothing is copied;
+- ``call="callback"``: ``jax.pure_callback``, which copies every output (y, and dx in the
+  backward) once into XLA's buffers. On NCHW 32x64x56x56 float32 on one thread of a busy
+  2-core machine, the FFI path took about half the callback's time (forward 11 against
+  22 ms; forward and backward under ``grad`` 53 against 99 ms).
+
+Either way the inputs reach the kernels as read-only NumPy views of XLA's buffers, without a
+copy, and under ``vmap`` the kernels run once per batch element (``vmap_method=
+"sequential"``). Every argument is checked while tracing, with :func:`fastbn.forward`'s own
+messages, so a bad argument raises a ``TypeError``/``ValueError`` at the call, not an error
+inside XLA.
 - every argument is checked while tracing, with :func:`fastbn.forward`'s own messages, so a bad
   argument raises a ``TypeError``/``ValueError`` at the call, not an error inside XLA.
 
@@ -26,7 +35,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 import numpy as np
 
-from . import api
+from . import _jax_ffi, api
 from ._common import stats_dtype
 from ._validate import forward_args
 
@@ -52,11 +61,17 @@ class _Config(NamedTuple):
     unbiased_running_var: bool
     activation: Any
     backend: Any
+    call: str
+
+
+#: How the kernels are called: "ffi" (XLA's FFI: the kernels write into XLA's buffers) or
+#: "callback" (jax.pure_callback: outputs copied once).
+CALLS = ("ffi", "callback")
 
 
 def batch_norm(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=None,
                running_var=None, momentum=0.1, eps=1e-5, unbiased_running_var=True,
-               activation=None, backend=None):
+               activation=None, backend=None, call="ffi"):
     """Batch normalization of a JAX array on fastbn's kernels.
 
     The same computation and keywords as :func:`fastbn.forward`; differentiable with respect
@@ -85,6 +100,9 @@ def batch_norm(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=
         Keras): the biased one.
     activation : {None, "relu"}
     backend : {None, "numba", "cython", "reference"}
+    call : {"ffi", "callback"}
+        How the compiled computation reaches the kernels (see the module documentation):
+        XLA's FFI, writing into XLA's buffers, or ``jax.pure_callback``, copying the outputs.
 
     ``axis``, ``training``, ``momentum``, ``eps`` and the rest are Python values, fixed when
     a function is traced (``jit`` recompiles for new ones).
@@ -100,7 +118,7 @@ def batch_norm(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=
     Raises
     ------
     TypeError, ValueError
-        As :func:`fastbn.forward`, while tracing: nothing runs then.
+        As :func:`fastbn.forward`, while tracing: nothing runs then; an unknown ``call``.
 
     Examples
     --------
@@ -123,8 +141,10 @@ def batch_norm(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=
                         _shadow(running_mean, writable=True),
                         _shadow(running_var, writable=True), momentum, eps, activation, None,
                         backend)
+    if call not in CALLS:
+        raise ValueError(f"call must be one of {CALLS}, got {call!r}")
     cfg = _Config(args.axis, args.training, args.momentum, args.eps,
-                  _flag(unbiased_running_var), args.activation, args.backend)
+                  _flag(unbiased_running_var), args.activation, args.backend, call)
     return BatchNormResult(*_compiled(cfg, x, gamma, beta, running_mean, running_var))
 
 
@@ -164,9 +184,13 @@ def _forward(cfg, x, gamma, beta, running_mean, running_var):
     shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), *stats,
               _struct(running_mean) if update else None,
               _struct(running_var) if update else None)
-    y, mean, invstd, new_mean, new_var = jax.pure_callback(
-        _hosts(cfg)[0], shapes, x, gamma, beta, running_mean,
-        running_var, vmap_method="sequential")
+    if cfg.call == "ffi":
+        y, mean, invstd, new_mean, new_var = _jax_ffi.forward_call(
+            jax, cfg, shapes, x, gamma, beta, running_mean, running_var)
+    else:
+        y, mean, invstd, new_mean, new_var = jax.pure_callback(
+            _hosts(cfg)[0], shapes, x, gamma, beta, running_mean, running_var,
+            vmap_method="sequential")
     if not update:
         new_mean, new_var = running_mean, running_var
     return (y, new_mean, new_var), (mean, invstd)
@@ -212,9 +236,13 @@ def _batch_norm_bwd(cfg, residuals, cotangents):
     x, gamma, beta, mean, invstd, running_mean, running_var = residuals
     dy, d_new_mean, d_new_var = cotangents
     shapes = (jax.ShapeDtypeStruct(x.shape, x.dtype), _struct(mean), _struct(mean))
-    dx, dgamma, dbeta = jax.pure_callback(
-        _hosts(cfg)[1], shapes, dy, x, mean, invstd, gamma, beta,
-        vmap_method="sequential")
+    if cfg.call == "ffi":
+        dx, dgamma, dbeta = _jax_ffi.backward_call(jax, cfg, shapes, dy, x, mean, invstd,
+                                                   gamma, beta)
+    else:
+        dx, dgamma, dbeta = jax.pure_callback(
+            _hosts(cfg)[1], shapes, dy, x, mean, invstd, gamma, beta,
+            vmap_method="sequential")
     d_mean = d_var = None
     if running_mean is not None:
         if cfg.training:  # new = (1 - momentum) * old + momentum * batch
