@@ -218,6 +218,20 @@ def test_empty_feature_axis_and_float64_under_x64():
         np.testing.assert_allclose(rv, ref_rv, rtol=1e-12)
 
 
+def test_ffi_falls_back_to_the_callback_on_an_unknown_ffi_api(monkeypatch, backend):
+    import fastbn._jax_ffi
+    assert fastbn._jax_ffi.available(jax)  # this jaxlib's is known
+    used = []
+    real = jax.pure_callback
+    monkeypatch.setattr(fastbn._jax_ffi, "available", lambda jax: False)
+    monkeypatch.setattr(jax, "pure_callback", lambda *a, **k: used.append(1) or real(*a, **k))
+    x = _data((5, 3))
+    # a configuration not compiled before (the backend's runs differ by it)
+    y = fastbn.jax.batch_norm(x, axis=-1, eps=1e-3, backend=backend).y
+    assert used
+    np.testing.assert_allclose(y, reference.forward(x, eps=1e-3).y, rtol=1e-5, atol=1e-5)
+
+
 def test_bfloat16_input():
     x = jnp.asarray(_data((8, 3, 4)), dtype=jnp.bfloat16)
     y = jax.jit(lambda x: fastbn.jax.batch_norm(x).y)(x)
@@ -288,7 +302,8 @@ def test_bench_rows_run():
     from fastbn import bench_frameworks
     rows = bench_frameworks.run(["jax"], (4, 6, 6, 8), -1, samples=1, threads=1)
     assert [r["op"] for r in rows] == ["forward", "forward+backward"]
-    assert all(r["native_s"] > 0 and r["fastbn_s"] > 0 and r["numpy_s"] > 0 for r in rows)
+    assert all(r["native_s"] > 0 and r["fastbn_s"] > 0 and r["numpy_s"] > 0
+               and r["callback_s"] > 0 for r in rows)
     assert "| jax forward | 1 |" in bench_frameworks.format_rows(rows, "case")
 
 

@@ -11,6 +11,9 @@ error carrying its message. The one attribute, ``config``, indexes the calls'
 configurations (hashable tuples) kept here.
 """
 import ctypes
+import functools
+import os
+import re
 import threading
 
 import numpy as np
@@ -186,6 +189,18 @@ _CONFIGS = []
 _CONFIG_IDS = {}
 _lock = threading.Lock()
 _registered = False
+
+
+@functools.lru_cache(maxsize=None)
+def available(jax):
+    """Whether this jaxlib's FFI C API is the major version whose structures this module
+    mirrors (read from the header jaxlib ships); where not, fastbn.jax uses its callback."""
+    try:
+        with open(os.path.join(jax.ffi.include_dir(), "xla", "ffi", "api", "c_api.h")) as fh:
+            found = re.search(r"#define XLA_FFI_API_MAJOR (\d+)", fh.read())
+    except (OSError, AttributeError):
+        return False
+    return found is not None and int(found.group(1)) == _API_VERSION[0]
 
 
 def _config_id(config):

@@ -47,8 +47,11 @@ def _jax_rows(shape, axis, samples):
     def ours(x, g, b):
         return fastbn.jax.batch_norm(x, g, b, axis=axis).y
 
+    def ours_callback(x, g, b):
+        return fastbn.jax.batch_norm(x, g, b, axis=axis, call="callback").y
+
     fns = {}
-    for name, f in (("jax", native), ("fastbn", ours)):
+    for name, f in (("jax", native), ("fastbn", ours), ("callback", ours_callback)):
         fwd = jax.jit(f)
         grad = jax.jit(jax.grad(lambda x, g, b, f=f: (f(x, g, b) * w).sum(), argnums=(0, 1, 2)))
         fns[f"{name} forward"] = lambda fwd=fwd: fwd(x, g, b).block_until_ready()
@@ -185,11 +188,12 @@ def _keras_grad(backend, layer, x, target):
 
 def _pair_rows(framework, times, names):
     native, ours = names
-    ops = sorted({k.split(" ", 1)[1] for k in times if not k.startswith("numpy ")}, key=["forward", "forward+backward",
+    ops = sorted({k.split(" ", 1)[1] for k in times
+                  if not k.startswith(("numpy ", "callback "))}, key=["forward", "forward+backward",
                                                             "train step"].index)
     return [{"framework": framework, "op": op, "native_s": times[f"{native} {op}"],
-             "fastbn_s": times[f"{ours} {op}"], "numpy_s": times.get(f"numpy {op}")}
-            for op in ops]
+             "fastbn_s": times[f"{ours} {op}"], "numpy_s": times.get(f"numpy {op}"),
+             "callback_s": times.get(f"callback {op}")} for op in ops]
 
 
 def measure(framework, shape, axis, samples, threads):
@@ -230,15 +234,20 @@ def run(frameworks, shape, axis, samples, threads, log=None):
 
 
 def format_rows(rows, label):
-    """A Markdown table; "fastbn on NumPy" is fastbn.forward/backward called directly, where
-    measured (the JAX rows), so that the adapter's own cost shows."""
+    """A Markdown table. Where measured (the JAX rows): "via callback", fastbn.jax with
+    call="callback" (pure_callback, outputs copied) instead of XLA's FFI, and "on NumPy",
+    fastbn.forward/backward called directly, so that the adapter's own cost shows."""
     lines = [f"| {label} | threads | framework ms | fastbn ms | fastbn speedup "
-             "| fastbn on NumPy ms |", "|---|---|---|---|---|---|"]
+             "| fastbn via callback ms | fastbn on NumPy ms |", "|---|---|---|---|---|---|---|"]
+
+    def ms(seconds):
+        return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+
     for r in rows:
-        numpy_ms = "-" if r.get("numpy_s") is None else f"{r['numpy_s'] * 1e3:.2f}"
         lines.append(f"| {r['framework']} {r['op']} | {r['threads']} | "
-                     f"{r['native_s'] * 1e3:.2f} | {r['fastbn_s'] * 1e3:.2f} | "
-                     f"{r['native_s'] / r['fastbn_s']:.2f}x | {numpy_ms} |")
+                     f"{ms(r['native_s'])} | {ms(r['fastbn_s'])} | "
+                     f"{r['native_s'] / r['fastbn_s']:.2f}x | {ms(r.get('callback_s'))} | "
+                     f"{ms(r.get('numpy_s'))} |")
     return "\n".join(lines)
 
 

@@ -103,6 +103,8 @@ def batch_norm(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=
     call : {"ffi", "callback"}
         How the compiled computation reaches the kernels (see the module documentation):
         XLA's FFI, writing into XLA's buffers, or ``jax.pure_callback``, copying the outputs.
+        "ffi" becomes "callback" with a jaxlib whose FFI C API has a major version other than
+        the one fastbn reads (0).
 
     ``axis``, ``training``, ``momentum``, ``eps`` and the rest are Python values, fixed when
     a function is traced (``jit`` recompiles for new ones).
@@ -143,6 +145,8 @@ def batch_norm(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=
                         backend)
     if call not in CALLS:
         raise ValueError(f"call must be one of {CALLS}, got {call!r}")
+    if call == "ffi" and not _jax_ffi.available(jax):
+        call = "callback"  # a jaxlib whose FFI C API this version does not know
     cfg = _Config(args.axis, args.training, args.momentum, args.eps,
                   _flag(unbiased_running_var), args.activation, args.backend, call)
     return BatchNormResult(*_compiled(cfg, x, gamma, beta, running_mean, running_var))
