@@ -18,7 +18,7 @@ The backend is Keras' (``KERAS_BACKEND``, chosen before ``keras`` is first impor
 
 Keras' own ``call`` runs instead (documented fallbacks, not errors) for ``renorm=True``,
 ``synchronized=True``, a ``mask``, and batches with fewer than two values per feature in
-training (Keras normalizes those to zero; fastbn's kernels need two values). Keras on PyTorch
+training (their variance is 0 and Keras outputs beta; fastbn's kernels need two values). Keras on PyTorch
 computes the batch variance as ``E[x^2] - E[x]^2`` in float32; fastbn's is exact, so on data
 whose mean is large against its spread the two differ, fastbn's being the accurate one.
 """
