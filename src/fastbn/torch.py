@@ -6,12 +6,24 @@
   as a cumulative average, ``num_batches_tracked``); only ``forward`` differs.
 - :func:`convert`: swaps every torch BatchNorm1d/2d/3d in a model for fastbn's, in place.
 
-Forward and backward go through a ``torch.autograd.Function`` that hands fastbn the tensors'
-memory as NumPy views (``Tensor.numpy()`` / ``torch.from_numpy``), so nothing is copied, for
-contiguous and ``channels_last`` tensors alike; outputs keep the input's memory format. What
-fastbn does not run falls back to PyTorch's own kernel: tensors not on the CPU, dtypes other
-than float32/float64, and inputs that need autograd through the running statistics. Double
-backward raises (the backward is marked once-differentiable).
+Forward and backward are the custom operators ``fastbn::batch_norm`` and
+``fastbn::batch_norm_backward`` (:mod:`fastbn._torch_ops`), which hand fastbn the tensors'
+memory as NumPy views, so nothing is copied, for contiguous and ``channels_last`` tensors
+alike; outputs keep the input's memory format. As custom operators they are traced whole by
+``torch.compile`` (no graph break) and ``torch.export``.
+
+Edge cases behave as PyTorch's: an empty batch gives an empty output, zero gradients and
+untouched running statistics; momentum may be any number in training and is ignored in eval;
+errors have PyTorch's types and messages (a wrong-size weight, bias or running statistic
+raises :class:`BatchNormArgumentError`, both a RuntimeError and a ValueError).
+
+PyTorch's own kernel runs instead (documented fallbacks): for tensors not on the CPU, dtypes
+other than float32/float64/float16/bfloat16 (parameters in another dtype than the input's,
+or float32 for half input), inputs that need autograd through the running statistics, eval
+with ``eps=0``, and under ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``) and
+forward-mode AD (dual tensors), for which fastbn has no rule. A gradient taken under vmap
+(``gradcheck(check_batched_grad=True)``) uses the backward written in torch operations.
+Double backward raises.
 """
 try:
     import torch
@@ -20,64 +32,134 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
                       "pip install \".[torch]\" in fastbn's folder (it pins the tested "
                       "release, torch==2.13.0)") from exc
 
-from torch.autograd.function import once_differentiable
+import torch.autograd.forward_ad as _forward_ad
 
-from . import api
+from . import api  # noqa: F401  (tests spy on fastbn.torch.api.forward)
+from ._torch_ops import FLOATS, HALF, batch_norm_op, update_running_op
 
-__all__ = ["batch_norm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
-
-_DTYPES = (torch.float32, torch.float64)
-
-
-def _numpy(tensor):
-    """The tensor's memory as a NumPy array (a view, no copy), or None for None."""
-    return None if tensor is None else tensor.detach().numpy()
-
-
-class _BatchNorm(torch.autograd.Function):
-    """y = batch_norm(x); backward from x, the saved mean/invstd and gamma only."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps):
-        # Outputs come from PyTorch's allocator, in x's memory format: its kernels (oneDNN
-        # convolutions in particular) want its 64-byte alignment, which NumPy's does not give.
-        y = torch.empty_like(x, memory_format=torch.preserve_format)
-        _, mean, invstd = api.forward(
-            _numpy(x), _numpy(weight), _numpy(bias), axis=1, training=training,
-            running_mean=_numpy(running_mean), running_var=_numpy(running_var),
-            momentum=momentum, eps=eps, out=y.numpy())
-        ctx.save_for_backward(x, weight)
-        ctx.stats = (mean, invstd, training)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        mean, invstd, training = ctx.stats
-        dx = torch.empty_like(x, memory_format=torch.preserve_format)
-        _, dgamma, dbeta = api.backward(_numpy(dy), _numpy(x), mean, invstd, _numpy(weight),
-                                        axis=1, training=training, out=dx.numpy())
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        return (dx if need_x else None,
-                torch.from_numpy(dgamma) if need_w else None,
-                torch.from_numpy(dbeta) if need_b else None,
-                None, None, None, None, None)
+__all__ = [
+    "batch_norm",
+    "BatchNormArgumentError",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "convert",
+]
 
 
-def _fastbn_can_run(tensors):
-    present = [t for t in tensors if t is not None]
-    return (all(t.device.type == "cpu" for t in present)
-            and all(t.dtype in _DTYPES for t in present)
-            and not any(t.requires_grad for t in tensors[3:] if t is not None))
+class BatchNormArgumentError(RuntimeError, ValueError):
+    """A wrong-size or mismatched argument: a RuntimeError as PyTorch raises for it, and a
+    ValueError as fastbn's NumPy API raises for it."""
+
+
+def _under_transform():
+    """True under torch.func transforms (vmap, grad, jvp) and forward-mode AD, which run on
+    PyTorch's kernel (see the module's docstring)."""
+    return _forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active()
+
+
+def _fastbn_can_run(input, tensors):
+    """Whether fastbn's kernels take these tensors (the input, weight, bias, running_mean,
+    running_var); else PyTorch's kernel runs (and raises PyTorch's errors)."""
+    if input.device.type != "cpu" or input.dim() < 2 or input.layout != torch.strided:
+        return False
+    if input.dtype in FLOATS:
+        allowed = (input.dtype,)
+    elif input.dtype in HALF:
+        allowed = (input.dtype, torch.float32)
+    else:
+        return False
+    for i, t in enumerate(tensors):
+        if t is None:
+            continue
+        if t.device.type != "cpu" or t.dtype not in allowed or t.layout != torch.strided:
+            return False
+        if i >= 2 and t.requires_grad:  # autograd through the running statistics
+            return False
+    if torch.compiler.is_compiling():
+        return True
+    return not _under_transform()
+
+
+def _check(input, running_mean, running_var, weight, bias, training, eps):
+    """PyTorch's checks of F.batch_norm, with its messages, before anything runs."""
+    if training:
+        size = list(input.shape)
+        if size[0] * _prod(size[2:]) == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input "
+                             f"size {torch.Size(size)}")
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither "
+                         "be None")
+    C = input.shape[1]
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is not None and t.numel() != C:
+            raise BatchNormArgumentError(f"{name} should contain {C} elements not {t.numel()}")
+        if t is not None and t.dim() != 1:
+            raise BatchNormArgumentError(f"{name} must be a vector of {C} elements, got shape "
+                                         f"{tuple(t.shape)}")
+
+
+def _prod(values):
+    result = 1
+    for v in values:
+        result *= v
+    return result
+
+
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu):
+    tensors = (weight, bias, running_mean, running_var)
+    if not _fastbn_can_run(input, tensors) or (
+            not training and (running_mean is None or running_var is None or eps == 0.0)):
+        # PyTorch's kernel, which also raises PyTorch's error for missing running statistics
+        y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                           training, momentum, eps)
+        return torch.relu(y) if relu else y
+    _check(input, running_mean, running_var, weight, bias, training, eps)
+    training = bool(training)
+    y, _, _, batch_mean, batch_var = batch_norm_op(input, weight, bias, running_mean,
+                                                   running_var, training, float(eps), relu)
+    if training and running_mean is not None and input.numel() > 0:
+        update_running_op(running_mean, running_var, batch_mean, batch_var, float(momentum))
+    return y
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
                momentum=0.1, eps=1e-5):
     """``torch.nn.functional.batch_norm`` on fastbn's kernels.
 
-    Same arguments and result as PyTorch's, feature axis 1. Runs fastbn for float32/float64
-    CPU tensors (any memory format, no copy) and PyTorch's own kernel otherwise.
+    Same arguments, result and errors as PyTorch's, feature axis 1.
+
+    Parameters
+    ----------
+    input : Tensor (N, C, ...), float32, float64, float16 or bfloat16
+        Any memory format (contiguous, channels_last, strided); read in place, no copy.
+    running_mean, running_var : Tensor (C,) or None
+        Updated in place in training: ``r = (1 - momentum) * r + momentum * batch`` with the
+        unbiased batch variance (any momentum; ignored in eval).
+    weight, bias : Tensor (C,) or None
+        input's dtype, or float32 for half-precision input (likewise the running statistics).
+    training : bool
+    momentum : float
+    eps : float
+        > 0 in training, >= 0 in eval.
+
+    Returns
+    -------
+    Tensor
+        input's shape, dtype and memory format.
+
+    Raises
+    ------
+    ValueError
+        One value per feature in training; eps out of range; only one running statistic.
+    RuntimeError
+        A weight, bias or running statistic of the wrong size (the error is also a ValueError).
 
     Examples
     --------
@@ -88,16 +170,8 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     >>> bool(torch.allclose(y, ref))
     True
     """
-    tensors = (input, weight, bias, running_mean, running_var)
-    if not _fastbn_can_run(tensors):
-        return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
-                                              training, momentum, eps)
-    if not training and (running_mean is None or running_var is None):
-        # PyTorch's own message for this misuse
-        return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
-                                              training, momentum, eps)
-    return _BatchNorm.apply(input, weight, bias, running_mean, running_var, bool(training),
-                            float(momentum), float(eps))
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                       False)
 
 
 class _FastForward:

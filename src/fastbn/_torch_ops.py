@@ -1,0 +1,210 @@
+"""fastbn's kernels as PyTorch custom operators, with their autograd.
+
+Two operators, registered with ``torch.library.custom_op`` so that ``torch.compile`` and
+``torch.export`` see through them (each has a fake implementation that only computes shapes):
+
+- ``fastbn::batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
+  relu) -> (y, mean, invstd)``, which updates running_mean and running_var in place (declared
+  as mutated);
+- ``fastbn::batch_norm_backward(dy, x, mean, invstd, weight, bias, training, relu)
+  -> (dx, dweight, dbias)``.
+
+Both hand fastbn the tensors' own memory as NumPy arrays (no copy; bfloat16 through
+``ml_dtypes``), and write outputs allocated by PyTorch in x's memory format. The arguments
+arrive checked (:mod:`fastbn.torch` does that, with PyTorch's messages); what is left here is
+translation: half-precision parameters and running statistics go through float32 vectors,
+momentum outside [0, 1] (which fastbn's NumPy API refuses and PyTorch accepts) is applied
+here, and an empty batch gives an empty output with the running statistics left alone.
+
+The backward is the operator above, except under ``torch.func.vmap`` (batched gradients, as
+``gradcheck(check_batched_grad=True)`` asks for), where it is written in torch operations that
+vmap can batch. The backward itself cannot be differentiated: double backward raises.
+"""
+import numpy as np
+import torch
+
+from . import api
+
+#: x dtypes the operators take; parameters and running statistics are x's dtype, or float32
+#: for half-precision x (both as PyTorch allows on the CPU).
+HALF = (torch.float16, torch.bfloat16)
+FLOATS = (torch.float32, torch.float64)
+
+
+def stats_dtype(dtype):
+    """dtype of mean/invstd for x of ``dtype``: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def as_numpy(tensor):
+    """The tensor's memory as a NumPy array (a view, no copy), or None for None."""
+    if tensor is None:
+        return None
+    tensor = tensor.detach()
+    if tensor.dtype == torch.bfloat16:
+        import ml_dtypes  # only bfloat16 needs it
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def _param(tensor):
+    """A per-feature parameter as fastbn takes it: its own memory when float32/float64, else a
+    float32 copy (fastbn's NumPy API reads bfloat16 vectors as no floating dtype)."""
+    if tensor is None:
+        return None
+    return as_numpy(tensor if tensor.dtype in FLOATS else tensor.float())
+
+
+def _forward(x, weight, bias, running_mean, running_var, training, eps, relu):
+    C = x.shape[1]
+    sdtype = stats_dtype(x.dtype)
+    y = torch.empty_like(x, memory_format=torch.preserve_format)
+    batch = (np.zeros(C), np.zeros(C))
+    if x.numel() == 0:  # as PyTorch: an empty output (and no update, see update_running_op)
+        return (y, torch.zeros(C, dtype=sdtype), torch.zeros(C, dtype=sdtype),
+                torch.from_numpy(batch[0]), torch.from_numpy(batch[1]))
+    if training:
+        # with momentum 1, fastbn writes the batch mean and unbiased variance (float64) into
+        # these vectors; update_running_op applies PyTorch's update to the running statistics
+        stats = batch if running_mean is not None else (None, None)
+    else:
+        stats = (_param(running_mean), _param(running_var))
+    result = api.forward(as_numpy(x), _param(weight), _param(bias), axis=1, training=training,
+                         running_mean=stats[0], running_var=stats[1], momentum=1.0, eps=eps,
+                         activation="relu" if relu else None, out=as_numpy(y))
+    mean = torch.from_numpy(np.asarray(result.mean)).to(sdtype, copy=True)
+    invstd = torch.from_numpy(np.asarray(result.invstd)).to(sdtype, copy=True)
+    return y, mean, invstd, torch.from_numpy(batch[0]), torch.from_numpy(batch[1])
+
+
+def _backward(dy, x, mean, invstd, weight, bias, training, relu):
+    C = x.shape[1]
+    pdtype = weight.dtype if weight is not None else stats_dtype(x.dtype)
+    if x.numel() == 0:
+        return (torch.zeros_like(x, memory_format=torch.preserve_format),
+                torch.zeros(C, dtype=pdtype), torch.zeros(C, dtype=pdtype))
+    dx = torch.empty_like(x, memory_format=torch.preserve_format)
+    _, dgamma, dbeta = api.backward(as_numpy(dy), as_numpy(x), as_numpy(mean),
+                                    as_numpy(invstd), _param(weight), _param(bias), axis=1,
+                                    training=training, activation="relu" if relu else None,
+                                    out=as_numpy(dx))
+    return (dx, torch.from_numpy(dgamma).to(pdtype, copy=True),
+            torch.from_numpy(dbeta).to(pdtype, copy=True))
+
+
+def backward_in_torch(dy, x, mean, invstd, weight, bias, training, relu):
+    """The backward in torch operations (float32 or float64 inside), for the transforms that
+    cannot run a custom operator on their wrapped tensors (vmap over gradients)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    dims = [d for d in range(x.dim()) if d != 1]
+    sdtype = mean.dtype
+    pdtype = weight.dtype if weight is not None else sdtype
+    xhat = (x.to(sdtype) - mean.view(shape)) * invstd.view(shape)
+    gamma = weight.to(sdtype).view(shape) if weight is not None else 1.0
+    dy = dy.to(sdtype)
+    if relu:
+        beta = bias.to(sdtype).view(shape) if bias is not None else 0.0
+        dy = dy * (gamma * xhat + beta > 0)
+    dbeta = dy.sum(dims)
+    dgamma = (dy * xhat).sum(dims)
+    if training:
+        m = max(x.numel() // max(x.shape[1], 1), 1)
+        dx = gamma * invstd.view(shape) / m * (m * dy - dbeta.view(shape)
+                                               - xhat * dgamma.view(shape))
+    else:
+        dx = gamma * invstd.view(shape) * dy
+    return dx.to(x.dtype), dgamma.to(pdtype), dbeta.to(pdtype)
+
+
+# --- the operators -----------------------------------------------------------------------------
+
+@torch.library.custom_op("fastbn::batch_norm", mutates_args=(), device_types="cpu")
+def batch_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                  training: bool, eps: float, relu: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, invstd, batch_mean, batch_var): the running statistics are read in eval and
+    left alone; in training and when they are given, batch_mean and batch_var (float64, the
+    unbiased variance) are what :func:`update_running_op` needs."""
+    return _forward(x, weight, bias, running_mean, running_var, training, eps, relu)
+
+
+@batch_norm_op.register_fake
+def _(x, weight, bias, running_mean, running_var, training, eps, relu):
+    C, sdtype = x.shape[1], stats_dtype(x.dtype)
+    return (torch.empty_like(x, memory_format=torch.preserve_format),
+            x.new_empty((C,), dtype=sdtype), x.new_empty((C,), dtype=sdtype),
+            x.new_empty((C,), dtype=torch.float64), x.new_empty((C,), dtype=torch.float64))
+
+
+@torch.library.custom_op("fastbn::update_running", mutates_args=("running_mean", "running_var"),
+                         device_types="cpu")
+def update_running_op(running_mean: torch.Tensor, running_var: torch.Tensor,
+                      batch_mean: torch.Tensor, batch_var: torch.Tensor, momentum: float) -> None:
+    """PyTorch's ``r = (1 - momentum) * r + momentum * batch``, any momentum, in float64; both
+    new vectors are computed before either is written."""
+    new_mean = (1.0 - momentum) * running_mean.double() + momentum * batch_mean
+    new_var = (1.0 - momentum) * running_var.double() + momentum * batch_var
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
+
+
+@update_running_op.register_fake
+def _(running_mean, running_var, batch_mean, batch_var, momentum):
+    return None
+
+
+@torch.library.custom_op("fastbn::batch_norm_backward", mutates_args=(), device_types="cpu")
+def batch_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
+                           invstd: torch.Tensor, weight: torch.Tensor | None,
+                           bias: torch.Tensor | None, training: bool,
+                           relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dy, x, mean, invstd, weight, bias, training, relu)
+
+
+@batch_norm_backward_op.register_fake
+def _(dy, x, mean, invstd, weight, bias, training, relu):
+    C = x.shape[1]
+    pdtype = weight.dtype if weight is not None else stats_dtype(x.dtype)
+    return (torch.empty_like(x, memory_format=torch.preserve_format),
+            x.new_empty((C,), dtype=pdtype), x.new_empty((C,), dtype=pdtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _, _, training, _, relu = inputs
+    _, mean, invstd, batch_mean, batch_var = output
+    ctx.mark_non_differentiable(mean, invstd, batch_mean, batch_var)
+    ctx.save_for_backward(x, weight, bias, mean, invstd)
+    ctx.training, ctx.relu = training, relu
+
+
+def _is_batched(tensor):
+    # vmap over a gradient (gradcheck's batched-gradient check) wraps dy; the operator cannot
+    # read a wrapped tensor's memory, torch operations can batch
+    return (not torch.compiler.is_compiling()
+            and torch._C._functorch.is_functorch_wrapped_tensor(tensor))
+
+
+def _grad(ctx, dy, *_stats_grads):
+    x, weight, bias, mean, invstd = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if dy is None or not (need_x or need_w or need_b):
+        return (None,) * 8
+    run = backward_in_torch if _is_batched(dy) else batch_norm_backward_op
+    dx, dweight, dbias = run(dy, x, mean, invstd, weight, bias, ctx.training, ctx.relu)
+    return (dx if need_x else None, dweight if need_w else None, dbias if need_b else None,
+            None, None, None, None, None)
+
+
+batch_norm_op.register_autograd(_grad, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fastbn.torch: the batch_norm backward cannot be differentiated twice "
+                       "(double backward); use torch.nn.functional.batch_norm for "
+                       "higher-order gradients")
+
+
+batch_norm_backward_op.register_autograd(_no_double_backward,
+                                         setup_context=lambda ctx, inputs, output: None)
