@@ -32,6 +32,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
                       "pip install \".[torch]\" in fastbn's folder (it pins the tested "
                       "release, torch==2.13.0)") from exc
 
+import importlib.util
+
 import torch.autograd.forward_ad as _forward_ad
 
 from . import api  # noqa: F401  (tests spy on fastbn.torch.api.forward)
@@ -45,6 +47,10 @@ __all__ = [
     "BatchNorm3d",
     "convert",
 ]
+
+
+#: bfloat16 tensors reach fastbn as ml_dtypes arrays; without ml_dtypes they run on PyTorch's.
+_HAS_ML_DTYPES = importlib.util.find_spec("ml_dtypes") is not None
 
 
 class BatchNormArgumentError(RuntimeError, ValueError):
@@ -65,7 +71,7 @@ def _fastbn_can_run(input, tensors):
         return False
     if input.dtype in FLOATS:
         allowed = (input.dtype,)
-    elif input.dtype in HALF:
+    elif input.dtype in HALF and (input.dtype == torch.float16 or _HAS_ML_DTYPES):
         allowed = (input.dtype, torch.float32)
     else:
         return False
