@@ -141,17 +141,22 @@ def _(x, weight, bias, running_mean, running_var, training, eps, relu):
 @torch.library.custom_op("fastbn::update_running", mutates_args=("running_mean", "running_var"),
                          device_types="cpu")
 def update_running_op(running_mean: torch.Tensor, running_var: torch.Tensor,
-                      batch_mean: torch.Tensor, batch_var: torch.Tensor, momentum: float) -> None:
+                      batch_mean: torch.Tensor, batch_var: torch.Tensor, momentum: float,
+                      batches: torch.Tensor | None) -> None:
     """PyTorch's ``r = (1 - momentum) * r + momentum * batch``, any momentum, in float64; both
-    new vectors are computed before either is written."""
-    new_mean = (1.0 - momentum) * running_mean.double() + momentum * batch_mean
-    new_var = (1.0 - momentum) * running_var.double() + momentum * batch_var
+    new vectors are computed before either is written. With ``batches`` (the module's
+    num_batches_tracked, already counting this batch), momentum is ``1 / batches``: the
+    cumulative average of momentum=None, read from the tensor so that a compiled graph does
+    not depend on its value."""
+    factor = momentum if batches is None else 1.0 / batches.double()
+    new_mean = (1.0 - factor) * running_mean.double() + factor * batch_mean
+    new_var = (1.0 - factor) * running_var.double() + factor * batch_var
     running_mean.copy_(new_mean)
     running_var.copy_(new_var)
 
 
 @update_running_op.register_fake
-def _(running_mean, running_var, batch_mean, batch_var, momentum):
+def _(running_mean, running_var, batch_mean, batch_var, momentum, batches):
     return None
 
 

@@ -118,11 +118,16 @@ def _prod(values):
     return result
 
 
-def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu):
+def _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps, relu,
+                batches=None):
+    """batch_norm (with ``relu``: relu(batch_norm)); ``batches``, a module's
+    num_batches_tracked, makes the momentum ``1 / batches`` (momentum=None)."""
     tensors = (weight, bias, running_mean, running_var)
     if not _fastbn_can_run(input, tensors) or (
             not training and (running_mean is None or running_var is None or eps == 0.0)):
         # PyTorch's kernel, which also raises PyTorch's error for missing running statistics
+        if batches is not None:
+            momentum = 1.0 / float(batches)
         y = torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
                                            training, momentum, eps)
         return torch.relu(y) if relu else y
@@ -131,7 +136,8 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     y, _, _, batch_mean, batch_var = batch_norm_op(input, weight, bias, running_mean,
                                                    running_var, training, float(eps), relu)
     if training and running_mean is not None and input.numel() > 0:
-        update_running_op(running_mean, running_var, batch_mean, batch_var, float(momentum))
+        update_running_op(running_mean, running_var, batch_mean, batch_var,
+                          0.0 if batches is not None else float(momentum), batches)
     return y
 
 
@@ -181,24 +187,30 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 
 class _FastForward:
-    """forward() of torch's _BatchNorm, with fastbn's batch_norm in place of F.batch_norm."""
+    """forward() of torch's _BatchNorm, with fastbn's batch_norm in place of F.batch_norm
+    (``_relu``: relu(batch_norm(x)) in one pass)."""
+
+    _relu = False
 
     def forward(self, input):
         self._check_input_dim(input)
         # The following mirrors torch.nn.modules.batchnorm._BatchNorm.forward (2.13).
-        factor = 0.0 if self.momentum is None else self.momentum
+        factor, batches = (0.0 if self.momentum is None else self.momentum), None
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
+            if self.momentum is None:  # cumulative moving average: 1 / num_batches_tracked
+                batches = self.num_batches_tracked
         if self.training:
             bn_training = True
         else:
             bn_training = self.running_mean is None and self.running_var is None
         use_running = not self.training or self.track_running_stats
-        return batch_norm(input, self.running_mean if use_running else None,
-                          self.running_var if use_running else None, self.weight, self.bias,
-                          bn_training, factor, self.eps)
+        return _batch_norm(input, self.running_mean if use_running else None,
+                           self.running_var if use_running else None, self.weight, self.bias,
+                           bn_training, factor, self.eps, self._relu, batches)
+
+    def extra_repr(self):
+        return super().extra_repr() + ", on fastbn"
 
 
 class BatchNorm1d(_FastForward, torch.nn.BatchNorm1d):
