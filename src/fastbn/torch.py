@@ -37,6 +37,7 @@ import importlib.util
 import torch.autograd.forward_ad as _forward_ad
 
 from . import api  # noqa: F401  (tests spy on fastbn.torch.api.forward)
+from . import _torch_fuse
 from ._torch_ops import FLOATS, HALF, batch_norm_op, update_running_op
 
 __all__ = [
@@ -46,6 +47,10 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "convert",
+    "BatchNormReLU1d",
+    "BatchNormReLU2d",
+    "BatchNormReLU3d",
+    "fuse_relu",
 ]
 
 
@@ -225,8 +230,91 @@ class BatchNorm3d(_FastForward, torch.nn.BatchNorm3d):
     """``torch.nn.BatchNorm3d`` on fastbn's kernels: same arguments, state and behaviour."""
 
 
+class _BatchNormReLU(_FastForward, torch.nn.modules.batchnorm._BatchNorm):
+    """relu(batch_norm(x)) in one pass over memory; the backward recomputes the ReLU's mask
+    from x, the saved statistics, weight and bias, so no mask or output is stored."""
+
+    _relu = True
+
+
+class BatchNormReLU1d(_BatchNormReLU):
+    """``relu(BatchNorm1d(x))`` fused, on fastbn's kernels.
+
+    BatchNorm1d's constructor arguments, ``state_dict`` keys and train/eval behaviour; (N, C)
+    or (N, C, L) input. Not a subclass of ``torch.nn.BatchNorm1d`` (its output differs), so
+    code that looks for BatchNorms (conv-bn folding) leaves it alone.
+
+    Examples
+    --------
+    >>> import torch, fastbn.torch
+    >>> bn = fastbn.torch.BatchNormReLU1d(3)
+    >>> bool((bn(torch.randn(8, 3)) >= 0).all())
+    True
+    """
+
+    _check_input_dim = torch.nn.BatchNorm1d._check_input_dim
+
+
+class BatchNormReLU2d(_BatchNormReLU):
+    """``relu(BatchNorm2d(x))`` fused, on fastbn's kernels: (N, C, H, W) input in any memory
+    format; otherwise as :class:`BatchNormReLU1d`."""
+
+    _check_input_dim = torch.nn.BatchNorm2d._check_input_dim
+
+
+class BatchNormReLU3d(_BatchNormReLU):
+    """``relu(BatchNorm3d(x))`` fused, on fastbn's kernels: (N, C, D, H, W) input; otherwise
+    as :class:`BatchNormReLU1d`."""
+
+    _check_input_dim = torch.nn.BatchNorm3d._check_input_dim
+
+
 _SWAPS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
           torch.nn.BatchNorm3d: BatchNorm3d}
+_FUSED = {BatchNorm1d: BatchNormReLU1d, BatchNorm2d: BatchNormReLU2d,
+          BatchNorm3d: BatchNormReLU3d, torch.nn.BatchNorm1d: BatchNormReLU1d,
+          torch.nn.BatchNorm2d: BatchNormReLU2d, torch.nn.BatchNorm3d: BatchNormReLU3d}
+
+
+def fuse_relu(model):
+    """``model`` with every BatchNorm whose output feeds only a ReLU running as one fused
+    BatchNormReLU on fastbn (torch's BatchNorm1d/2d/3d and fastbn's alike).
+
+    In a ``torch.nn.Sequential`` a BatchNorm followed by a ``torch.nn.ReLU`` is replaced in
+    place (the ReLU by ``Identity``). A module that calls its children in its forward code (a
+    ResNet block) is traced with ``torch.fx``: a BatchNorm whose every call feeds only a ReLU
+    (module, ``F.relu``, ``torch.relu``, ``Tensor.relu``, in place or not) becomes fused and
+    the module a ``torch.fx.GraphModule``. Fused modules share the BatchNorm's parameters and
+    buffers (same tensors: optimizers and ``state_dict`` keys are unchanged). A module fx cannot
+    trace is searched child by child; BatchNorms it calls directly stay unfused, with a
+    warning naming it.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Returns
+    -------
+    torch.nn.Module
+        ``model`` itself (changed in place) when it is a Sequential or nothing in its own
+        forward was fused, else a ``torch.fx.GraphModule`` built around its submodules.
+
+    Warns
+    -----
+    UserWarning
+        For each module fx cannot trace that calls a BatchNorm directly.
+
+    Examples
+    --------
+    >>> import torch, fastbn.torch
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+    ...                           torch.nn.ReLU())
+    >>> net = fastbn.torch.fuse_relu(net)
+    >>> type(net[1]).__name__, type(net[2]).__name__
+    ('BatchNormReLU2d', 'Identity')
+    """
+    return _torch_fuse.fuse_relu(model, tuple(_FUSED),
+                                 lambda bn: _torch_fuse.share_state(bn, _FUSED[type(bn)]))
 
 
 def convert(model):
