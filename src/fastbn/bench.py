@@ -386,16 +386,16 @@ def format_table(rows):
     return "\n".join(lines)
 
 
-def train_step(batch=32, channels=64, size=56, memory_format="contiguous", samples=5):
-    """A training step (forward + backward) of a ResNet-style basic block, conv-BN-ReLU-conv-BN
-    plus the identity, with PyTorch's BatchNorm2d, fastbn's, and none (to find BN's share),
-    timed in interleaved rounds. Returns {variant: seconds per step}."""
+def _train_step_variants(batch, channels, size, memory_format):
+    """{variant: step()} for the ResNet-style basic block (conv-BN-ReLU-conv-BN plus the
+    identity, then ReLU) with PyTorch's BatchNorm2d, fastbn's, fastbn's with the first BN
+    fused with its ReLU (fastbn.torch.fuse_relu; the second BN feeds the addition, so it stays
+    unfused, as in torchvision's block), and none (to find BN's share)."""
     import torch
 
     import fastbn.torch as fbt
 
-    fmt = getattr(torch, memory_format + "_format", torch.contiguous_format) \
-        if memory_format == "contiguous" else torch.channels_last
+    fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
 
     class Block(torch.nn.Module):
         def __init__(self, norm):
@@ -412,27 +412,66 @@ def train_step(batch=32, channels=64, size=56, memory_format="contiguous", sampl
     x = torch.randn(batch, channels, size, size).contiguous(memory_format=fmt)
     steps = {}
     for name, norm in (("torch BN", torch.nn.BatchNorm2d), ("fastbn BN", fbt.BatchNorm2d),
+                       ("fastbn BN+ReLU fused", fbt.BatchNorm2d),
                        ("no BN", lambda c: torch.nn.Identity())):
         torch.manual_seed(0)
         block = Block(norm).to(memory_format=fmt)
+        if name == "fastbn BN+ReLU fused":
+            block = fbt.fuse_relu(block)
 
         def step(block=block):
             block.zero_grad(set_to_none=True)
             block(x).mean().backward()
 
         steps[name] = step
+    return steps
+
+
+def train_step(batch=32, channels=64, size=56, memory_format="contiguous", samples=5):
+    """A training step (forward + backward) of a ResNet-style basic block in each variant of
+    :func:`_train_step_variants`, timed in interleaved rounds. Returns {variant: seconds}."""
+    steps = _train_step_variants(batch, channels, size, memory_format)
     return interleaved_medians(steps, samples, slow_budget_s=60.0)
 
 
-def format_train_step(times, label):
+def train_step_memory(batch=32, channels=64, size=56, memory_format="contiguous"):
+    """Peak bytes of tensors allocated by PyTorch's CPU allocator during one training step of
+    each variant (after a warm-up step), above what was live when the step began: the
+    allocation events of ``torch.profiler`` (profile_memory=True), summed in time order. This
+    counts activations saved for backward, outputs, gradients and temporaries made by
+    PyTorch, fastbn's outputs included (they come from PyTorch's allocator); it does not see
+    the small per-thread partial sums fastbn's kernels allocate with NumPy, nor heap
+    fragmentation (the process's RSS); blocks allocated before the step and freed in it (the
+    previous step's gradients) are not subtracted, which may overstate the peak alike for
+    every variant. Returns {variant: bytes}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    peaks = {}
+    for name, step in _train_step_variants(batch, channels, size, memory_format).items():
+        step()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        live = peak = 0
+        for _, nbytes in events:
+            live += nbytes
+            peak = max(peak, live)
+        peaks[name] = peak
+    return peaks
+
+
+def format_train_step(times, label, memory=None):
     base = times["no BN"]
     lines = [f"| {label} | step ms | BN ms (step - no-BN step) | BN share of step "
-             "| step vs torch |", "|---|---|---|---|---|"]
-    for name in ("torch BN", "fastbn BN", "no BN"):
+             "| step vs torch | peak MiB |", "|---|---|---|---|---|---|"]
+    for name in times:
         bn = times[name] - base
         share = f"{bn / times[name]:.0%}" if name != "no BN" else "-"
+        peak = f"{memory[name] / 2**20:.1f}" if memory else "-"
         lines.append(f"| {name} | {times[name] * 1e3:.1f} | "
-                     f"{bn * 1e3:.1f} | {share} | {times['torch BN'] / times[name]:.2f}x |")
+                     f"{bn * 1e3:.1f} | {share} | {times['torch BN'] / times[name]:.2f}x "
+                     f"| {peak} |")
     return "\n".join(lines)
 
 
@@ -741,17 +780,20 @@ def main(argv=None):
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}); medians of {samples} "
           f"interleaved rounds; ratios within this run")
     print(format_table(rows))
-    steps = {}
+    steps, memory = {}, {}
     if not opts.no_train_step and not opts.no_torch and _torch_available():
         size = dict(batch=8, size=28) if opts.quick else {}
         for fmt in ("contiguous", "channels_last"):
             log(f"  timing a ResNet-block training step ({fmt})")
             steps[fmt] = train_step(memory_format=fmt, samples=3 if opts.quick else 5, **size)
+            memory[fmt] = train_step_memory(memory_format=fmt, **size)
             print()
             print(format_train_step(steps[fmt], f"ResNet block step, {fmt}, "
                                     f"batch {size.get('batch', 32)}, 64 ch, "
                                     f"{size.get('size', 56)}x{size.get('size', 56)}, "
-                                    f"{fastbn_threads()} threads"))
+                                    f"{fastbn_threads()} threads", memory[fmt]))
+        print("\npeak MiB: tensors allocated by PyTorch's CPU allocator during one step, above "
+              "those live before it (torch.profiler memory events)")
     cold = None
     if opts.cold_start:
         cold = cold_start(log, backends)
@@ -761,7 +803,7 @@ def main(argv=None):
     if opts.json:
         with open(opts.json, "w") as fh:
             json.dump({"environment": env, "rows": rows, "cold_start": cold,
-                       "train_step": steps,
+                       "train_step": steps, "train_step_peak_bytes": memory,
                        "ratios": [{b: ratios(r, b) for b in r["backends"]} for r in rows],
                        "contended": contention(rows)},
                       fh, indent=1)
