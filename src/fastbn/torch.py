@@ -5,6 +5,13 @@
   the same constructor arguments, ``state_dict`` keys and train/eval behaviour (momentum=None
   as a cumulative average, ``num_batches_tracked``); only ``forward`` differs.
 - :func:`convert`: swaps every torch BatchNorm1d/2d/3d in a model for fastbn's, in place.
+- :class:`BatchNormReLU1d`, :class:`BatchNormReLU2d`, :class:`BatchNormReLU3d`:
+  ``relu(batch_norm(x))`` in one pass, with no mask stored for the backward.
+- :func:`fuse_relu`: every BatchNorm of a model whose output feeds only a ReLU made fused.
+
+Inputs may be float32, float64, float16 or bfloat16 (bfloat16 needs ``ml_dtypes``), with
+parameters in the input's dtype or float32 for half input; under ``torch.autocast("cpu")``
+BatchNorm runs in its input's dtype, as PyTorch's does.
 
 Forward and backward are the custom operators ``fastbn::batch_norm`` and
 ``fastbn::batch_norm_backward`` (:mod:`fastbn._torch_ops`), which hand fastbn the tensors'
