@@ -25,7 +25,8 @@ def _randomize(module, seed=0):
         for t in list(module.parameters()) + [b for b in module.buffers() if b.dim() == 1]:
             t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) + 0.5)
         for m in module.modules():
-            if getattr(m, "bias", None) is not None and isinstance(m, nn.modules.batchnorm._NormBase):
+            norm = isinstance(m, nn.modules.batchnorm._NormBase)
+            if norm and m.bias is not None:
                 m.bias.sub_(1.0)  # both signs, so the ReLU cuts
     return module
 

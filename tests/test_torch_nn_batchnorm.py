@@ -26,7 +26,8 @@ def _no_torch_kernel(monkeypatch):
 @pytest.mark.parametrize("which", ["running_mean", "running_var", "weight", "bias"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_raises_error_if_argument_is_not_same_size_as_input(which, training):
-    """test_batchnorm_raises_error_if_{running_mean,running_var,weight,bias}_is_not_same_size_as_input"""
+    """test_batchnorm_raises_error_if_{running_mean,running_var,weight,bias}_is_not_same_size_
+    as_input"""
     x = torch.rand(2, 10)
     for size in (9, 11):
         args = dict(running_mean=torch.rand(10), running_var=torch.rand(10))

@@ -44,8 +44,8 @@ import importlib.util
 import torch.autograd.forward_ad as _forward_ad
 
 from . import api  # noqa: F401  (tests spy on fastbn.torch.api.forward)
-from . import _torch_fuse
-from ._torch_ops import FLOATS, HALF, batch_norm_op, update_running_op
+from . import _torch_fuse, _torch_ops
+from ._torch_ops import FLOATS, HALF
 
 __all__ = [
     "batch_norm",
@@ -144,13 +144,9 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                                            training, momentum, eps)
         return torch.relu(y) if relu else y
     _check(input, running_mean, running_var, weight, bias, training, eps)
-    training = bool(training)
-    y, _, _, batch_mean, batch_var = batch_norm_op(input, weight, bias, running_mean,
-                                                   running_var, training, float(eps), relu)
-    if training and running_mean is not None and input.numel() > 0:
-        update_running_op(running_mean, running_var, batch_mean, batch_var,
-                          0.0 if batches is not None else float(momentum), batches)
-    return y
+    return _torch_ops.batch_norm(input, weight, bias, running_mean, running_var,
+                                 bool(training), 0.0 if batches is not None else float(momentum),
+                                 float(eps), relu, batches)
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
