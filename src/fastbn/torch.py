@@ -13,21 +13,22 @@ Inputs may be float32, float64, float16 or bfloat16 (bfloat16 needs ``ml_dtypes`
 parameters in the input's dtype or float32 for half input; under ``torch.autocast("cpu")``
 BatchNorm runs in its input's dtype, as PyTorch's does.
 
-Forward and backward are the custom operators ``fastbn::batch_norm`` and
-``fastbn::batch_norm_backward`` (:mod:`fastbn._torch_ops`), which hand fastbn the tensors'
-memory as NumPy views, so nothing is copied, for contiguous and ``channels_last`` tensors
-alike; outputs keep the input's memory format. As custom operators they are traced whole by
-``torch.compile`` (no graph break) and ``torch.export``.
+Forward and backward hand fastbn the tensors' memory as NumPy views, so nothing is copied,
+for contiguous and ``channels_last`` tensors alike; outputs keep the input's memory format.
+They are also registered as the custom operators ``fastbn::batch_norm``,
+``fastbn::batch_norm_backward`` and ``fastbn::update_running`` (:mod:`fastbn._torch_ops`),
+which ``torch.compile`` (no graph break) and ``torch.export`` trace whole; eager calls run the
+same code without the dispatcher's cost.
 
 Edge cases behave as PyTorch's: an empty batch gives an empty output, zero gradients and
 untouched running statistics; momentum may be any number in training and is ignored in eval;
 errors have PyTorch's types and messages (a wrong-size weight, bias or running statistic
 raises :class:`BatchNormArgumentError`, both a RuntimeError and a ValueError).
 
-PyTorch's own kernel runs instead (documented fallbacks): for tensors not on the CPU, dtypes
-other than float32/float64/float16/bfloat16 (parameters in another dtype than the input's,
-or float32 for half input), inputs that need autograd through the running statistics, eval
-with ``eps=0``, and under ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``) and
+PyTorch's own kernel runs instead (documented fallbacks): for tensors not on the CPU, input
+dtypes other than float32/float64/float16/bfloat16, parameters or running statistics in a
+dtype other than the input's (or float32, for half input), bfloat16 without ``ml_dtypes``,
+inputs that need autograd through the running statistics, eval with ``eps=0``, and under ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``) and
 forward-mode AD (dual tensors), for which fastbn has no rule. A gradient taken under vmap
 (``gradcheck(check_batched_grad=True)``) uses the backward written in torch operations.
 Double backward raises.
