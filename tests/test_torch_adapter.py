@@ -191,3 +191,73 @@ def test_no_copy_of_the_input():
     finally:
         fbt.api.forward = real
     assert seen == [True]
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@st.composite
+def _awkward_inputs(draw):
+    """A random rank-2..5 input: size-1 and zero-size axes, every memory format, strided
+    views, huge offsets with a small spread."""
+    ndim = draw(st.integers(2, 5))
+    shape = [draw(st.integers(0 if i == 0 else 1, 4)) for i in range(ndim)]
+    shape[1] = draw(st.integers(1, 5))
+    layout = draw(st.sampled_from(["contiguous", "channels_last", "permuted", "strided"]))
+    loc = draw(st.sampled_from([0.0, 1e4]))
+    seed = draw(st.integers(0, 2**16))
+    return shape, layout, loc, seed
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=_awkward_inputs(), training=st.booleans(), affine=st.booleans())
+def test_awkward_inputs_match_torch(case, training, affine):
+    shape, layout, loc, seed = case
+    g = torch.Generator().manual_seed(seed)
+    big = list(shape)
+    if layout == "strided":
+        big[-1] = 2 * big[-1]
+    base = loc + torch.randn(big, generator=g, dtype=torch.float64)
+    x = base[..., ::2] if layout == "strided" else base
+    if layout == "channels_last" and x.dim() in (4, 5):
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        x = x.contiguous(memory_format=fmt)
+    elif layout == "permuted" and x.dim() >= 3:
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)
+    m = x.shape[0] * int(np.prod(x.shape[2:]))
+    if training and m == 1:
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            fbt.batch_norm(x, None, None, training=True)
+        return
+    C = x.shape[1]
+    w = b = None
+    if affine:
+        w = torch.rand(C, dtype=torch.float64, generator=g) + 0.5
+        b = torch.randn(C, dtype=torch.float64, generator=g)
+    dy = torch.randn(x.shape, dtype=torch.float64, generator=g)
+    results = []
+    # torch's reference runs on a contiguous copy: its own CPU kernel gets some layouts wrong
+    # (torch 2.13, eval backward of shape (1, 2, 1, 2) with strides (1, 1, 1, 2): dx permuted)
+    for fn, xin in ((F.batch_norm, x.contiguous()), (fbt.batch_norm, x)):
+        rm = torch.full((C,), loc, dtype=torch.float64)
+        rv = torch.ones(C, dtype=torch.float64)
+        xg = xin.detach().clone(memory_format=torch.preserve_format).requires_grad_(True)
+        y = fn(xg, rm, rv, w, b, training, 0.3, 1e-5)
+        y.backward(dy)
+        results.append((y, xg.grad, rm, rv))
+    for ours, theirs in zip(results[1], results[0]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-7,
+                                   msg=lambda msg: f"{shape} {layout} {loc}: {msg}")
+
+
+def test_eval_backward_with_ambiguous_strides_is_right():
+    """Shape (1, 2, 1, 2) with strides (1, 1, 1, 2): torch 2.13's CPU kernel returns a permuted
+    dx here (not imitated); fastbn's is dy * invstd, as the formula says."""
+    x = torch.randn(2, 1, 1, 1, dtype=torch.float64).expand(2, 1, 1, 2).contiguous()
+    x = x.reshape(1, 2, 1, 2).transpose(0, -1).contiguous().transpose(0, -1)
+    assert x.stride() == (1, 1, 1, 2)
+    x.requires_grad_(True)
+    dy = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]]]], dtype=torch.float64)
+    y = fbt.batch_norm(x, torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+    y.backward(dy)
+    torch.testing.assert_close(x.grad, dy / (1 + 1e-5) ** 0.5)

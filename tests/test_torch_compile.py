@@ -75,6 +75,17 @@ def test_compile_fullgraph_matches_eager(backend_name, memory_format):
     torch.testing.assert_close(compiled(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
+def test_compile_fused_batchnorm_relu():
+    """A fuse_relu'd model (fused BatchNormReLU, the relu flag through the operators)."""
+    torch._dynamo.reset()
+    ours, ref = _pair(torch.contiguous_format)
+    fused = fbt.fuse_relu(ours)
+    assert type(fused.get_submodule("bn")).__name__ == "BatchNormReLU2d"
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    _compare(fused, ref, _steps(compiled, torch.contiguous_format),
+             _steps(ref, torch.contiguous_format))
+
+
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                     reason="inductor compiles C++ and no C++ compiler is installed")
 def test_compile_inductor_matches_eager():
