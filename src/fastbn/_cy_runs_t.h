@@ -427,6 +427,17 @@ FBN_LOOP void FBN(relu_sums_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, const T
     fbn_idx a, j;
     for (a = a0; a < a1; a++) {
         const T *xr = x + a * rs, *gr = dy + a * drs;
+        if (cs == 1 && dcs == 1) {  /* channels-last rows: unit strides, vector loads */
+            #pragma omp simd
+            for (j = 0; j < L; j++) {
+                T v = xr[j];
+                double g = FBN(bn_value)(v, c0[j], c1[j], c2[j], c3[j]) > (T)0
+                           ? (double)gr[j] : 0.0;
+                p0[j] += g;
+                p1[j] += g * ((double)v - shift[j]);
+            }
+            continue;
+        }
         #pragma omp simd
         for (j = 0; j < L; j++) {
             T v = xr[j * cs];
@@ -444,9 +455,33 @@ FBN_LOOP void FBN(relu_dx_rows)(const T *dy, fbn_idx drs, fbn_idx dcs, const T *
                                      const T *fcoef, int training)
 {
     fbn_idx a, j;
+    const T *f0 = fcoef, *f1 = fcoef + L, *f2 = fcoef + 2 * L, *f3 = fcoef + 3 * L;
+    const T *k0 = coef, *k1 = coef + L, *k2 = coef + 2 * L, *k3 = coef + 3 * L;
+    const T *k4 = coef + 4 * L;
     for (a = a0; a < a1; a++) {
         const T *xr = x + a * rs, *gr = dy + a * drs;
         T *o = dx + a * ors;
+        if (cs == 1 && dcs == 1 && ocs == 1) {
+            /* channels-last rows: the loop below with unit strides, one vector loop per mode
+             * (the mask a select, which -fno-trapping-math lets the compiler vectorize) */
+            if (training) {
+                #pragma omp simd
+                for (j = 0; j < L; j++) {
+                    T v = xr[j];
+                    T g = FBN(bn_value)(v, f0[j], f1[j], f2[j], f3[j]) > (T)0
+                          ? gr[j] : gr[j] * (T)0;
+                    o[j] = (g + (v * k0[j] - k1[j]) * k3[j] + k4[j]) * k2[j];
+                }
+            } else {
+                #pragma omp simd
+                for (j = 0; j < L; j++) {
+                    T g = FBN(bn_value)(xr[j], f0[j], f1[j], f2[j], f3[j]) > (T)0
+                          ? gr[j] : gr[j] * (T)0;
+                    o[j] = g * k2[j];
+                }
+            }
+            continue;
+        }
         for (j = 0; j < L; j++) {
             T v = xr[j * cs];
             T g = gr[j * dcs];
