@@ -261,3 +261,28 @@ def test_eval_backward_with_ambiguous_strides_is_right():
     y = fbt.batch_norm(x, torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
     y.backward(dy)
     torch.testing.assert_close(x.grad, dy / (1 + 1e-5) ** 0.5)
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_parameters_in_another_dtype_than_the_input(param_dtype, training, monkeypatch):
+    """fastbn takes parameters and running statistics of any floating dtype (PyTorch's kernel
+    wants the input's; fastbn.keras passes float64 statistics with float32 input)."""
+    x = _tensor((6, 3, 5), torch.float32, 0).requires_grad_(True)
+    w = (_tensor((3,), torch.float64, 1).abs() + 0.5).to(param_dtype).requires_grad_(True)
+    rm, rv = torch.zeros(3, dtype=param_dtype), torch.full((3,), 2.0, dtype=param_dtype)
+    x64, w64 = x.detach().double().requires_grad_(True), w.detach().double().requires_grad_(True)
+    rm64, rv64 = rm.double(), rv.double()
+    expected = F.batch_norm(x64, rm64, rv64, w64, None, training, 0.25, 1e-5)
+    expected.backward(torch.ones_like(expected))
+    monkeypatch.setattr(F, "batch_norm", None)  # fastbn's kernels, not torch's
+    y = fbt.batch_norm(x, rm, rv, w, None, training, 0.25, 1e-5)
+    y.backward(torch.ones_like(y))
+    assert y.dtype == x.grad.dtype == torch.float32 and w.grad.dtype == param_dtype
+    torch.testing.assert_close(y, expected.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x64.grad.float(), rtol=1e-4, atol=1e-4)
+    half = param_dtype != torch.float64
+    tol = dict(rtol=2e-2, atol=2e-2) if half else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, **tol)
+    torch.testing.assert_close(rm.double(), rm64, **tol)
+    torch.testing.assert_close(rv.double(), rv64, **tol)

@@ -10,7 +10,8 @@
 - :func:`fuse_relu`: every BatchNorm of a model whose output feeds only a ReLU made fused.
 
 Inputs may be float32, float64, float16 or bfloat16 (bfloat16 needs ``ml_dtypes``), with
-parameters in the input's dtype or float32 for half input; under ``torch.autocast("cpu")``
+parameters and running statistics in any of these dtypes (PyTorch's kernel takes the input's,
+or float32 for half input; fastbn computes in float32 or float64 alike); under ``torch.autocast("cpu")``
 BatchNorm runs in its input's dtype, as PyTorch's does.
 
 Forward and backward hand fastbn the tensors' memory as NumPy views, so nothing is copied,
@@ -25,9 +26,8 @@ untouched running statistics; momentum may be any number in training and is igno
 errors have PyTorch's types and messages (a wrong-size weight, bias or running statistic
 raises :class:`BatchNormArgumentError`, both a RuntimeError and a ValueError).
 
-PyTorch's own kernel runs instead (documented fallbacks): for tensors not on the CPU, input
-dtypes other than float32/float64/float16/bfloat16, parameters or running statistics in a
-dtype other than the input's (or float32, for half input), bfloat16 without ``ml_dtypes``,
+PyTorch's own kernel runs instead (documented fallbacks): for tensors not on the CPU, dtypes
+other than float32/float64/float16/bfloat16, bfloat16 input without ``ml_dtypes``,
 inputs that need autograd through the running statistics, eval with ``eps=0``, and under ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``) and
 forward-mode AD (dual tensors), for which fastbn has no rule. A gradient taken under vmap
 (``gradcheck(check_batched_grad=True)``) uses the backward written in torch operations.
@@ -82,12 +82,12 @@ def _fastbn_can_run(input, tensors):
     running_var); else PyTorch's kernel runs (and raises PyTorch's errors)."""
     if input.device.type != "cpu" or input.dim() < 2 or input.layout != torch.strided:
         return False
-    if input.dtype in FLOATS:
-        allowed = (input.dtype,)
-    elif input.dtype in HALF and (input.dtype == torch.float16 or _HAS_ML_DTYPES):
-        allowed = (input.dtype, torch.float32)
-    else:
+    if input.dtype not in FLOATS and not (
+            input.dtype in HALF and (input.dtype == torch.float16 or _HAS_ML_DTYPES)):
         return False
+    # parameters and statistics: any of these (PyTorch's kernel insists on the input's dtype,
+    # or float32 for half input; fastbn takes any, as its NumPy API does)
+    allowed = FLOATS + HALF
     for i, t in enumerate(tensors):
         if t is None:
             continue
@@ -164,7 +164,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         Updated in place in training: ``r = (1 - momentum) * r + momentum * batch`` with the
         unbiased batch variance (any momentum; ignored in eval).
     weight, bias : Tensor (C,) or None
-        input's dtype, or float32 for half-precision input (likewise the running statistics).
+        Any of the four floating dtypes (likewise the running statistics).
     training : bool
     momentum : float
     eps : float
