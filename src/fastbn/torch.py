@@ -261,7 +261,16 @@ class BatchNormReLU1d(_BatchNormReLU):
 
 class BatchNormReLU2d(_BatchNormReLU):
     """``relu(BatchNorm2d(x))`` fused, on fastbn's kernels: (N, C, H, W) input in any memory
-    format; otherwise as :class:`BatchNormReLU1d`."""
+    format; otherwise as :class:`BatchNormReLU1d`.
+
+    Examples
+    --------
+    >>> import torch, fastbn.torch
+    >>> x = torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    >>> y = fastbn.torch.BatchNormReLU2d(3)(x)
+    >>> y.is_contiguous(memory_format=torch.channels_last), bool((y >= 0).all())
+    (True, True)
+    """
 
     _check_input_dim = torch.nn.BatchNorm2d._check_input_dim
 
