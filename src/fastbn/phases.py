@@ -1,0 +1,602 @@
+"""Batch normalization in phases: local statistics, an exact merge, normalization with given
+statistics, and the backward pass split around its reduction.
+
+:func:`fastbn.forward` and :func:`fastbn.backward` are each one fused pass over the data.
+When the batch is spread over several places (processes of a data-parallel job, micro-batches
+accumulated before a step, the "ghost" batches of ghost batch norm), the statistics must be
+those of the whole batch, and the passes split where the data meet::
+
+    forward:   batch_stats(x_i)  ->  merge_stats([...])  ->  normalize(x_i, merged)
+    backward:  backward_sums(dy_i, x_i, ...)  ->  merge_sums([...])  ->  backward_dx(..., merged)
+
+Every piece of the batch is reduced on its own; only per-feature float64 numbers (a count,
+a mean and a sum of squared deviations; or three gradient sums) travel between the phases.
+:mod:`fastbn.distributed` (MPI) and :class:`fastbn.torch.SyncBatchNorm` (torch.distributed)
+are these phases with a collective in the middle.
+
+Numerics
+--------
+- Statistics are merged exactly, never as ``E[x^2] - E[x]^2`` (which cancels, and goes
+  negative, for data with a large mean): the pairwise update of Chan, Golub and LeVeque on
+  (count, mean, M2) triples, in a fixed tree over the list's order, so that every process
+  merging the same list gets the same bits.
+- Counts are float64, so pieces of any size (zero included) merge; an empty piece changes
+  nothing.
+- The backward's sums are taken around the ``mean`` passed in, with ``sum(x - mean)`` beside
+  them: :func:`backward_dx` uses it to refine a float32 ``mean`` to the float64 mean of the
+  whole batch, as :func:`fastbn.backward` does for one batch.
+
+Implementation
+--------------
+:func:`batch_stats` runs the compiled training-forward kernel (its float64 shifted sums) with
+the normalized output going to a scratch array, so it costs one forward pass;
+:func:`normalize` is the compiled eval path (the kernels' normalizing pass with float64
+statistics carried beyond x's precision) and updates running statistics with the compiled
+update. :func:`backward_sums` and :func:`backward_dx` are, for now, plain NumPy in float64
+on every backend (correct, but about as slow as :mod:`fastbn.reference`: they make a float64
+copy of x and dy); the ``backend`` argument selects the kernels of the other phases only.
+float16/bfloat16 inputs are not taken yet (convert them to float32).
+"""
+from typing import NamedTuple
+
+import numpy as np
+
+from . import reference
+from ._backends import _kernels, resolve_backend
+from ._common import BackwardResult, ForwardResult, stats_dtype, update_running_stats
+from ._drivers import _forward_into, _update_running
+from ._validate import (FLOAT_DTYPES, ForwardArgs, _activation, _axis, _backend, _float_array,
+                        _out, _real, _running, _values_per_feature, _vector)
+
+__all__ = ["BatchStats", "GradSums", "batch_stats", "merge_stats", "normalize",
+           "backward_sums", "merge_sums", "backward_dx"]
+
+
+class BatchStats(NamedTuple):
+    """Per-feature statistics of a batch (or of a piece of one).
+
+    ``count`` is the number of values per feature (a float); ``mean`` and ``m2`` are float64
+    (C,) arrays: the mean, and the sum of squared deviations from it, so that the biased
+    variance is ``m2 / count``. An empty piece is ``(0.0, zeros, zeros)``.
+    """
+
+    count: float
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @property
+    def var(self):
+        """The biased variance, ``m2 / count`` (NaN for an empty batch)."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.m2 / self.count
+
+
+class GradSums(NamedTuple):
+    """The backward pass's per-feature sums over a batch (or a piece of one), float64 (C,).
+
+    ``sum_dy``: sum of g; ``sum_dy_xmu``: sum of ``g * (x - mean)``; ``sum_xmu``: sum of
+    ``x - mean``, where g is dy (masked where the forward's ReLU output was 0, with
+    ``activation="relu"``) and ``mean`` is the one given to :func:`backward_sums`.
+    ``count`` is the number of values per feature.
+    """
+
+    count: float
+    sum_dy: np.ndarray
+    sum_dy_xmu: np.ndarray
+    sum_xmu: np.ndarray
+
+
+# --- checks ----------------------------------------------------------------------------------
+
+def _data(x, name, axis):
+    x = _float_array(x, name)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: the split phases take float32 or float64, got {x.dtype} "
+                        f"(convert it first, e.g. {name}.astype(np.float32))")
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have at least 2 dimensions (batch and features), "
+                         f"got {x.ndim}")
+    return x, _axis(axis, x.ndim)
+
+
+def _stats_arg(stats, C, name="stats"):
+    if not isinstance(stats, (BatchStats, GradSums)) and not isinstance(stats, tuple):
+        raise TypeError(f"{name} must be a BatchStats, got {type(stats).__name__}")
+    count = _real(stats[0], f"{name}.count")
+    if count < 0:
+        raise ValueError(f"{name}.count must be >= 0, got {count}")
+    arrays = [np.asarray(_vector(v, f"{name}.{field}", C), dtype=np.float64)
+              for v, field in zip(stats[1:], stats._fields[1:])]
+    return count, arrays
+
+
+# --- forward ---------------------------------------------------------------------------------
+
+def batch_stats(x, *, axis=1, backend=None):
+    """Per-feature count, mean and sum of squared deviations of ``x``, in float64.
+
+    Parameters
+    ----------
+    x : array_like, float32 or float64, ndim >= 2
+        Any layout, as :func:`fastbn.forward` takes it; may be empty along any axis but
+        ``axis``.
+    axis : int
+        The feature axis.
+    backend : {None, "numba", "cython", "reference"}
+        As in :func:`fastbn.forward`.
+
+    Returns
+    -------
+    BatchStats(count, mean, m2)
+        ``count`` (float) values per feature; ``mean`` and ``m2`` float64 (C,). Zeros for an
+        empty x.
+
+    Raises
+    ------
+    TypeError
+        x not float32/float64.
+    ValueError
+        x.ndim < 2, axis out of range, unknown backend.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn import phases
+    >>> x = np.arange(12.0).reshape(6, 2)
+    >>> s = phases.batch_stats(x)
+    >>> s.count, s.mean.tolist(), s.var.tolist()
+    (6.0, [5.0, 6.0], [11.666666666666666, 11.666666666666666])
+    """
+    x, axis = _data(x, "x", axis)
+    backend = resolve_backend(_backend(backend))
+    C = x.shape[axis]
+    m = _values_per_feature(x.shape, axis)
+    if m == 0:
+        return BatchStats(0.0, np.zeros(C), np.zeros(C))
+    if backend == "reference":
+        x64 = np.moveaxis(x, axis, -1).reshape(-1, C).astype(np.float64)
+        mean = x64.mean(axis=0)
+        x64 -= mean
+        return BatchStats(float(m), mean, np.einsum("ij,ij->j", x64, x64))
+    args = _forward_record(x, axis, C, m, training=True, eps=1.0, backend=backend)
+    _, stats = _forward_into(backend, args)  # y goes to a scratch array
+    return BatchStats(float(m), stats[0].copy(), stats[1] * m)
+
+
+def merge_stats(stats):
+    """The statistics of the union of batches, from theirs (exact, deterministic).
+
+    Pairs are merged with Chan et al.'s update (``delta = mean_b - mean_a``,
+    ``mean = mean_a + delta * n_b / n``, ``m2 = m2_a + m2_b + delta**2 * n_a * n_b / n``) in a
+    fixed binary tree over the list's order: the same list gives the same bits everywhere.
+    Empty batches (count 0) are skipped.
+
+    Parameters
+    ----------
+    stats : sequence of BatchStats
+        At least one, all with the same number of features.
+
+    Returns
+    -------
+    BatchStats
+        float64, as the inputs.
+
+    Raises
+    ------
+    TypeError, ValueError
+        An empty sequence, an item that is not a (count, mean, m2) triple, lengths that
+        differ, a negative count.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn import phases
+    >>> x = np.random.default_rng(0).normal(1e4, 0.1, (10, 3))
+    >>> merged = phases.merge_stats([phases.batch_stats(x[:4]), phases.batch_stats(x[4:])])
+    >>> bool(np.allclose(merged.var, x.var(axis=0), rtol=1e-12))
+    True
+    """
+    items = list(stats)
+    if not items:
+        raise ValueError("stats must hold at least one BatchStats")
+    C = np.shape(items[0][1])[0] if len(items[0]) == 3 and np.ndim(items[0][1]) == 1 else None
+    if C is None:
+        raise TypeError("stats must hold BatchStats (count, mean, m2) triples")
+    checked = []
+    for i, item in enumerate(items):
+        if not isinstance(item, tuple) or len(item) != 3:
+            raise TypeError(f"stats[{i}] must be a BatchStats, got {type(item).__name__}")
+        count, (mean, m2) = _stats_arg(BatchStats(*item), C, f"stats[{i}]")
+        checked.append((count, mean, m2))
+    return BatchStats(*merge_stats_checked(checked))
+
+
+def merge_stats_checked(items):
+    """merge_stats on (count, mean, m2) tuples already checked: a list in a fixed order."""
+    items = [item for item in items if item[0] > 0] or items[:1]
+    while len(items) > 1:
+        merged = [_chan(items[i], items[i + 1]) for i in range(0, len(items) - 1, 2)]
+        if len(items) % 2:
+            merged.append(items[-1])
+        items = merged
+    count, mean, m2 = items[0]
+    if count == 0:
+        return 0.0, np.zeros_like(mean, dtype=np.float64), np.zeros_like(m2, dtype=np.float64)
+    return float(count), np.array(mean, dtype=np.float64), np.array(m2, dtype=np.float64)
+
+
+def _chan(a, b):
+    na, mean_a, m2_a = a
+    nb, mean_b, m2_b = b
+    n = na + nb
+    delta = mean_b - mean_a
+    wb = nb / n
+    return n, mean_a + delta * wb, (m2_a + m2_b) + delta * delta * (na * wb)
+
+
+def _forward_record(x, axis, C, m, *, training, eps, backend, gamma=None, beta=None,
+                    running_mean=None, running_var=None, momentum=0.0, activation=None,
+                    out=None):
+    a = ForwardArgs()
+    a.x, a.axis, a.C, a.m = x, axis, C, m
+    a.gamma, a.beta, a.training = gamma, beta, training
+    a.running_mean, a.running_var, a.momentum, a.eps = running_mean, running_var, momentum, eps
+    a.activation, a.out, a.backend = activation, out, backend
+    return a
+
+
+def normalize(x, stats, gamma=None, beta=None, *, axis=1, running_mean=None,
+              running_var=None, momentum=0.1, eps=1e-5, activation=None, out=None,
+              backend=None):
+    """Normalize x with given statistics (those of a larger batch), and update running ones.
+
+    ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with ``mean = stats.mean`` and the
+    biased ``var = stats.m2 / stats.count``. With ``running_mean`` and ``running_var``, they
+    are updated in place as :func:`fastbn.forward` does in training, with the unbiased
+    variance of ``stats.count`` values: ``r = (1 - momentum) * r + momentum * batch``.
+
+    Parameters
+    ----------
+    x : array_like, float32 or float64, ndim >= 2
+        This piece of the batch (may be empty along any axis but ``axis``).
+    stats : BatchStats
+        The statistics of the whole batch (:func:`merge_stats`); count >= 1 (>= 2 with
+        running statistics).
+    gamma, beta, axis, running_mean, running_var, momentum, eps, activation, out, backend
+        As in :func:`fastbn.forward`.
+
+    Returns
+    -------
+    ForwardResult(y, mean, invstd)
+        As :func:`fastbn.forward` in training: y like x, mean and invstd (C,) in float64 for
+        float64 x and float32 otherwise. Every caller given the same ``stats`` gets the same
+        mean, invstd and running statistics, bit for bit.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`fastbn.forward`; ``stats`` of the wrong length; ``stats.count`` < 1, or < 2
+        with running statistics (the unbiased variance needs two values). Nothing is
+        modified when an error is raised.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> from fastbn import phases
+    >>> x = np.random.default_rng(0).normal(3.0, 2.0, (8, 4, 5, 5))
+    >>> whole = phases.merge_stats([phases.batch_stats(x[:3]), phases.batch_stats(x[3:])])
+    >>> y = np.concatenate([phases.normalize(x[:3], whole).y, phases.normalize(x[3:], whole).y])
+    >>> bool(np.allclose(y, fastbn.forward(x).y, atol=1e-12))
+    True
+    """
+    x, axis = _data(x, "x", axis)
+    C = x.shape[axis]
+    m = _values_per_feature(x.shape, axis)
+    count, (mean, m2) = _stats_arg(stats, C)
+    gamma = None if gamma is None else _vector(gamma, "gamma", C)
+    beta = None if beta is None else _vector(beta, "beta", C)
+    eps = _real(eps, "eps")
+    if eps <= 0.0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    momentum = _real(momentum, "momentum")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    if (running_mean is None) != (running_var is None):
+        missing = "running_var" if running_var is None else "running_mean"
+        raise ValueError(f"running_mean and running_var go together: {missing} is missing")
+    if running_mean is not None:
+        running_mean = _running(running_mean, "running_mean", C)
+        running_var = _running(running_var, "running_var", C)
+        for name, arr in (("running_mean", running_mean), ("running_var", running_var)):
+            if not arr.flags.writeable:
+                raise ValueError(f"{name} must be writable: it is updated in place")
+        if np.may_share_memory(running_mean, running_var):
+            raise ValueError("running_mean and running_var must not share memory")
+    minimum = 1 if running_mean is None else 2
+    if count < minimum:
+        raise ValueError(f"stats.count must be at least {minimum} "
+                         f"{'to update running statistics (unbiased variance) ' if minimum == 2 else ''}"
+                         f"in training, got {count:g} (expected more than 1 value per feature)")
+    activation = _activation(activation)
+    backend = resolve_backend(_backend(backend))
+    out = _out(out, x, "x", (x,))
+    return normalize_checked(x, axis, C, m, count, mean, m2 / count, gamma, beta,
+                             running_mean, running_var, momentum, eps, activation, out,
+                             backend)
+
+
+def normalize_checked(x, axis, C, m, count, mean, var, gamma, beta, running_mean, running_var,
+                      momentum, eps, activation, out, backend):
+    """normalize on checked arguments; mean and var float64 (C,)."""
+    args = _forward_record(x, axis, C, m, training=False, eps=eps, backend=backend,
+                           gamma=gamma, beta=beta, running_mean=mean, running_var=var,
+                           activation=activation, out=out)
+    if m == 0:
+        y = np.empty(x.shape, x.dtype) if out is None else out
+        invstd = 1.0 / np.sqrt(var + eps)
+        stats = np.stack([mean, var, invstd])
+    elif backend == "reference":
+        y, _, _ = reference.forward_checked(args)
+        stats = np.stack([mean, var, 1.0 / np.sqrt(var + eps)])
+    else:
+        y, stats = _forward_into(backend, args)
+    if running_mean is not None:
+        # the compiled update takes an integer count (float64 counts of integers are exact)
+        whole = int(count) if float(count).is_integer() else count
+        update = _forward_record(x, axis, C, whole, training=True, eps=eps, backend=backend,
+                                 running_mean=running_mean, running_var=running_var,
+                                 momentum=momentum)
+        if backend == "reference" or not isinstance(whole, int):
+            update_running_stats(update, stats[0], stats[1])
+        else:
+            _update_running(_kernels(backend), update, stats)
+    both = stats[::2].astype(stats_dtype(x.dtype))
+    return ForwardResult(y, both[0], both[1])
+
+
+# --- backward --------------------------------------------------------------------------------
+
+def _backward_inputs(dy, x, mean, invstd, gamma, beta, axis, activation):
+    x, axis = _data(x, "x", axis)
+    dy = _float_array(dy, "dy")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
+    C = x.shape[axis]
+    mean_in = _vector(mean, "mean", C)
+    invstd = np.asarray(_vector(invstd, "invstd", C), dtype=np.float64)
+    gamma = np.ones(C) if gamma is None else np.asarray(_vector(gamma, "gamma", C), np.float64)
+    beta = np.zeros(C) if beta is None else np.asarray(_vector(beta, "beta", C), np.float64)
+    return x, dy, axis, C, mean_in, invstd, gamma, beta, _activation(activation)
+
+
+def _rows64(arr, axis, C):
+    """arr as a float64 (values, C) array (a copy)."""
+    return np.moveaxis(arr, axis, -1).reshape(-1, C).astype(np.float64)
+
+
+def _relu_mask(x, axis, C, mean, invstd, gamma, beta):
+    """Where the forward's ReLU output was positive: the normalized value recomputed as the
+    kernels' normalizing pass computes it (``(x - mean_hi) * scale + shift'`` in x's dtype,
+    from the float64 mean and the returned invstd), so the mask is the forward's own for data
+    of ordinary magnitude (|mean| <= 2**64)."""
+    dt = x.dtype.type
+    invstd_r = invstd.astype(x.dtype).astype(np.float64)  # invstd as the forward stored it
+    hi = mean.astype(x.dtype)
+    scale64 = gamma * invstd_r
+    shift = (beta - (mean - hi.astype(np.float64)) * scale64).astype(x.dtype)
+    rows = np.moveaxis(x, axis, -1).reshape(-1, C)
+    return (rows - hi) * scale64.astype(x.dtype) + shift > dt(0)
+
+
+def backward_sums(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, activation=None,
+                  backend=None):
+    """The backward pass's per-feature sums over this piece of the batch, in float64.
+
+    Parameters
+    ----------
+    dy : array_like
+        Gradient of the loss with respect to y: x's shape and dtype.
+    x : array_like, float32 or float64, ndim >= 2
+        This piece of the forward's input (may be empty along any axis but ``axis``).
+    mean, invstd : array_like (C,), floating
+        The whole batch's, as :func:`normalize` returned them (the float64 ``mean`` of
+        :func:`merge_stats` may be passed instead of the rounded one). Sums are taken around
+        ``mean`` as given.
+    gamma, beta : array_like (C,), optional
+        Used with ``activation="relu"`` only, to find where the forward's output was positive.
+    axis : int
+    activation : {None, "relu"}
+        The forward's. With "relu", g is dy where the forward's output was positive, else 0;
+        pass the float64 mean then, since the mask is recomputed from ``mean``.
+    backend : {None, "numba", "cython", "reference"}
+        Checked; these sums are computed in NumPy float64 on every backend for now.
+
+    Returns
+    -------
+    GradSums(count, sum_dy, sum_dy_xmu, sum_xmu)
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`fastbn.backward`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn import phases
+    >>> x = np.arange(8.0).reshape(4, 2)
+    >>> s = phases.backward_sums(np.ones_like(x), x, [3.0, 4.0], [1.0, 1.0])
+    >>> s.count, s.sum_dy.tolist(), s.sum_xmu.tolist()
+    (4.0, [4.0, 4.0], [0.0, 0.0])
+    """
+    x, dy, axis, C, mean_in, invstd, gamma, beta, activation = _backward_inputs(
+        dy, x, mean, invstd, gamma, beta, axis, activation)
+    resolve_backend(_backend(backend))
+    mean = np.asarray(mean_in, dtype=np.float64)
+    return backward_sums_checked(dy, x, axis, C, mean, invstd, gamma, beta, activation)
+
+
+def backward_sums_checked(dy, x, axis, C, mean, invstd, gamma, beta, activation, mask_mean=None):
+    """backward_sums on checked arguments (float64 vectors). ``mask_mean`` (default ``mean``):
+    the mean the ReLU mask is computed from."""
+    m = _values_per_feature(x.shape, axis)
+    if m == 0:
+        zeros = np.zeros(C)
+        return GradSums(0.0, zeros, zeros.copy(), zeros.copy())
+    d = _rows64(x, axis, C)
+    d -= mean
+    g = _rows64(dy, axis, C)
+    if activation == "relu":
+        g[~_relu_mask(x, axis, C, mean if mask_mean is None else mask_mean, invstd, gamma,
+                      beta)] = 0.0
+    sum_xmu = d.sum(axis=0)
+    sum_dy = g.sum(axis=0)
+    d *= g
+    return GradSums(float(m), sum_dy, d.sum(axis=0), sum_xmu)
+
+
+def merge_sums(sums):
+    """The sums of the union of batches: added in the list's order (deterministic).
+
+    Parameters
+    ----------
+    sums : sequence of GradSums
+        At least one, all of the same length.
+
+    Returns
+    -------
+    GradSums
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbn import phases
+    >>> s = phases.GradSums(2.0, np.ones(3), np.zeros(3), np.zeros(3))
+    >>> phases.merge_sums([s, s]).sum_dy.tolist()
+    [2.0, 2.0, 2.0]
+    """
+    items = list(sums)
+    if not items:
+        raise ValueError("sums must hold at least one GradSums")
+    if not all(isinstance(item, tuple) and len(item) == 4 for item in items):
+        raise TypeError("sums must hold GradSums (count, sum_dy, sum_dy_xmu, sum_xmu)")
+    C = np.shape(items[0][1])[0] if np.ndim(items[0][1]) == 1 else 0
+    checked = [_stats_arg(GradSums(*item), C, f"sums[{i}]") for i, item in enumerate(items)]
+    return merge_sums_checked([(count, *arrays) for count, arrays in checked])
+
+
+def merge_sums_checked(items):
+    count = 0.0
+    total = [np.zeros_like(np.asarray(items[0][1], dtype=np.float64)) for _ in range(3)]
+    for item in items:
+        count += item[0]
+        for acc, value in zip(total, item[1:]):
+            acc += value
+    return GradSums(count, *total)
+
+
+def refine(mean_in, sums):
+    """(refined float64 mean, its offset from mean_in) from the whole batch's sums: the float64
+    batch mean where mean_in is its rounding (within one unit in the last place of mean_in's
+    dtype), as fastbn.backward's rule; mean_in elsewhere."""
+    mean = np.asarray(mean_in, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        offset = sums.sum_xmu / sums.count
+    ulp = np.abs(np.spacing(np.asarray(mean_in))).astype(np.float64)
+    offset = np.where(np.abs(offset) <= ulp, offset, 0.0)
+    return mean + offset, offset
+
+
+def param_grads(sums, offset, invstd):
+    """(dgamma, dbeta) float64 of the batch the sums cover, around the refined mean
+    ``mean_in + offset``."""
+    return invstd * (sums.sum_dy_xmu - offset * sums.sum_dy), sums.sum_dy.copy()
+
+
+def backward_dx(dy, x, mean, invstd, sums, gamma=None, beta=None, *, axis=1, activation=None,
+                out=None, backend=None):
+    """dx of this piece of the batch, from the whole batch's sums (training mode).
+
+    With M = ``sums.count``, mean refined as :func:`fastbn.backward` does (to
+    ``mean + sum_xmu / M`` when ``mean`` is that value's rounding), ``xhat = (x - mean) *
+    invstd``, ``dbeta = sum_dy`` and ``dgamma = invstd * sum(g * (x - mean))``::
+
+        dx = gamma * invstd / M * (M * g - dbeta - xhat * dgamma)
+
+    Parameters
+    ----------
+    dy, x, mean, invstd, gamma, beta, axis, activation
+        As in :func:`backward_sums` (the same values as given there).
+    sums : GradSums
+        The whole batch's (:func:`merge_sums` of every piece's :func:`backward_sums`).
+    out : ndarray, optional
+        Where to write dx; may be ``dy`` or ``x`` itself.
+    backend : {None, "numba", "cython", "reference"}
+        Checked; dx is computed in NumPy float64 on every backend for now.
+
+    Returns
+    -------
+    BackwardResult(dx, dgamma, dbeta)
+        dx like x; dgamma and dbeta are the whole batch's (C,), float64 for float64 x and
+        float32 otherwise.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`fastbn.backward`; ``sums`` of the wrong length or with a count < 1.
+
+    Examples
+    --------
+    >>> import numpy as np, fastbn
+    >>> from fastbn import phases
+    >>> x = np.random.default_rng(0).normal(size=(6, 3))
+    >>> dy = np.random.default_rng(1).normal(size=(6, 3))
+    >>> y, mean, invstd = fastbn.forward(x)
+    >>> parts = [phases.backward_sums(dy[s], x[s], mean, invstd) for s in (slice(0, 2), slice(2, 6))]
+    >>> total = phases.merge_sums(parts)
+    >>> dx = np.concatenate([phases.backward_dx(dy[s], x[s], mean, invstd, total).dx
+    ...                      for s in (slice(0, 2), slice(2, 6))])
+    >>> bool(np.allclose(dx, fastbn.backward(dy, x, mean, invstd).dx, atol=1e-12))
+    True
+    """
+    x, dy, axis, C, mean_in, invstd, gamma, beta, activation = _backward_inputs(
+        dy, x, mean, invstd, gamma, beta, axis, activation)
+    count, arrays = _stats_arg(sums, C, "sums")
+    if count < 1:
+        raise ValueError(f"sums.count must be at least 1, got {count:g}")
+    resolve_backend(_backend(backend))
+    out = _out(out, x, "x", (dy, x))
+    mean, offset = refine(mean_in, GradSums(count, *arrays))
+    dgamma, dbeta = param_grads(GradSums(count, *arrays), offset, invstd)
+    dx = backward_dx_checked(dy, x, axis, C, mean, invstd, gamma, beta, activation, count,
+                             dgamma, dbeta, out, np.asarray(mean_in, dtype=np.float64))
+    sdt = stats_dtype(x.dtype)
+    return BackwardResult(dx, dgamma.astype(sdt), dbeta.astype(sdt))
+
+
+def backward_dx_checked(dy, x, axis, C, mean, invstd, gamma, beta, activation, count, dgamma,
+                        dbeta, out, mask_mean):
+    """dx on checked arguments: float64 vectors, the refined mean, the whole batch's count
+    and parameter gradients; ``mask_mean`` is the mean the ReLU mask is computed from."""
+    if x.size == 0:
+        return np.empty(x.shape, x.dtype) if out is None else out
+    g = _rows64(dy, axis, C)
+    if activation == "relu":
+        g[~_relu_mask(x, axis, C, mask_mean, invstd, gamma, beta)] = 0.0
+    xhat = _rows64(x, axis, C)
+    xhat -= mean
+    xhat *= invstd
+    xhat *= dgamma
+    g *= count
+    g -= dbeta
+    g -= xhat
+    g *= gamma * invstd / count
+    shape = np.moveaxis(np.empty(x.shape, dtype=np.bool_), axis, -1).shape
+    result = np.moveaxis(g.reshape(shape), -1, axis)
+    if out is None:
+        return result.astype(x.dtype)
+    np.copyto(out, result, casting="same_kind")
+    return out
+
