@@ -149,6 +149,11 @@ def batch_stats(x, *, axis=1, backend=None):
     """
     x, axis = _data(x, "x", axis)
     backend = resolve_backend(_backend(backend))
+    return batch_stats_checked(x, axis, backend)
+
+
+def batch_stats_checked(x, axis, backend):
+    """batch_stats on a checked float32/float64 x, a normalized axis and a resolved backend."""
     C = x.shape[axis]
     m = _values_per_feature(x.shape, axis)
     if m == 0:
@@ -289,10 +294,24 @@ def normalize(x, stats, gamma=None, beta=None, *, axis=1, running_mean=None,
     >>> bool(np.allclose(y, fastbn.forward(x).y, atol=1e-12))
     True
     """
+    a = normalize_inputs(x, gamma, beta, axis, running_mean, running_var, momentum, eps,
+                         activation, out, backend)
+    count, (mean, m2) = _stats_arg(stats, a.C)
+    minimum = 1 if a.running_mean is None else 2
+    if count < minimum:
+        raise ValueError(f"stats.count must be at least {minimum} "
+                         f"{'to update running statistics (unbiased variance) ' if minimum == 2 else ''}"
+                         f"in training, got {count:g} (expected more than 1 value per feature)")
+    return normalize_checked(a, count, mean, m2 / count)
+
+
+def normalize_inputs(x, gamma, beta, axis, running_mean, running_var, momentum, eps, activation,
+                     out, backend):
+    """Every check of :func:`normalize` but those of ``stats``: a ForwardArgs record (``m``:
+    x's own values per feature; ``backend`` resolved)."""
     x, axis = _data(x, "x", axis)
     C = x.shape[axis]
     m = _values_per_feature(x.shape, axis)
-    count, (mean, m2) = _stats_arg(stats, C)
     gamma = None if gamma is None else _vector(gamma, "gamma", C)
     beta = None if beta is None else _vector(beta, "beta", C)
     eps = _real(eps, "eps")
@@ -312,27 +331,24 @@ def normalize(x, stats, gamma=None, beta=None, *, axis=1, running_mean=None,
                 raise ValueError(f"{name} must be writable: it is updated in place")
         if np.may_share_memory(running_mean, running_var):
             raise ValueError("running_mean and running_var must not share memory")
-    minimum = 1 if running_mean is None else 2
-    if count < minimum:
-        raise ValueError(f"stats.count must be at least {minimum} "
-                         f"{'to update running statistics (unbiased variance) ' if minimum == 2 else ''}"
-                         f"in training, got {count:g} (expected more than 1 value per feature)")
     activation = _activation(activation)
     backend = resolve_backend(_backend(backend))
     out = _out(out, x, "x", (x,))
-    return normalize_checked(x, axis, C, m, count, mean, m2 / count, gamma, beta,
-                             running_mean, running_var, momentum, eps, activation, out,
-                             backend)
+    return _forward_record(x, axis, C, m, training=True, eps=eps, backend=backend, gamma=gamma,
+                           beta=beta, running_mean=running_mean, running_var=running_var,
+                           momentum=momentum, activation=activation, out=out)
 
 
-def normalize_checked(x, axis, C, m, count, mean, var, gamma, beta, running_mean, running_var,
-                      momentum, eps, activation, out, backend):
-    """normalize on checked arguments; mean and var float64 (C,)."""
+def normalize_checked(a, count, mean, var):
+    """normalize on checked arguments (a record of :func:`normalize_inputs`); mean and var
+    float64 (C,), the whole batch's, of ``count`` values per feature."""
+    x, axis, C, m, backend = a.x, a.axis, a.C, a.m, a.backend
+    running_mean, running_var, eps = a.running_mean, a.running_var, a.eps
     args = _forward_record(x, axis, C, m, training=False, eps=eps, backend=backend,
-                           gamma=gamma, beta=beta, running_mean=mean, running_var=var,
-                           activation=activation, out=out)
+                           gamma=a.gamma, beta=a.beta, running_mean=mean, running_var=var,
+                           activation=a.activation, out=a.out)
     if m == 0:
-        y = np.empty(x.shape, x.dtype) if out is None else out
+        y = np.empty(x.shape, x.dtype) if a.out is None else a.out
         invstd = 1.0 / np.sqrt(var + eps)
         stats = np.stack([mean, var, invstd])
     elif backend == "reference":
@@ -345,7 +361,7 @@ def normalize_checked(x, axis, C, m, count, mean, var, gamma, beta, running_mean
         whole = int(count) if float(count).is_integer() else count
         update = _forward_record(x, axis, C, whole, training=True, eps=eps, backend=backend,
                                  running_mean=running_mean, running_var=running_var,
-                                 momentum=momentum)
+                                 momentum=a.momentum)
         if backend == "reference" or not isinstance(whole, int):
             update_running_stats(update, stats[0], stats[1])
         else:
@@ -356,7 +372,9 @@ def normalize_checked(x, axis, C, m, count, mean, var, gamma, beta, running_mean
 
 # --- backward --------------------------------------------------------------------------------
 
-def _backward_inputs(dy, x, mean, invstd, gamma, beta, axis, activation):
+def backward_inputs(dy, x, mean, invstd, gamma, beta, axis, activation):
+    """The checks of :func:`backward_sums`: (x, dy, axis, C, mean as given, and float64
+    invstd, gamma, beta, the activation)."""
     x, axis = _data(x, "x", axis)
     dy = _float_array(dy, "dy")
     if dy.dtype != x.dtype:
@@ -431,7 +449,7 @@ def backward_sums(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, activat
     >>> s.count, s.sum_dy.tolist(), s.sum_xmu.tolist()
     (4.0, [4.0, 4.0], [0.0, 0.0])
     """
-    x, dy, axis, C, mean_in, invstd, gamma, beta, activation = _backward_inputs(
+    x, dy, axis, C, mean_in, invstd, gamma, beta, activation = backward_inputs(
         dy, x, mean, invstd, gamma, beta, axis, activation)
     resolve_backend(_backend(backend))
     mean = np.asarray(mean_in, dtype=np.float64)
@@ -561,7 +579,7 @@ def backward_dx(dy, x, mean, invstd, sums, gamma=None, beta=None, *, axis=1, act
     >>> bool(np.allclose(dx, fastbn.backward(dy, x, mean, invstd).dx, atol=1e-12))
     True
     """
-    x, dy, axis, C, mean_in, invstd, gamma, beta, activation = _backward_inputs(
+    x, dy, axis, C, mean_in, invstd, gamma, beta, activation = backward_inputs(
         dy, x, mean, invstd, gamma, beta, axis, activation)
     count, arrays = _stats_arg(sums, C, "sums")
     if count < 1:

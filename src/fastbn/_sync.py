@@ -1,0 +1,138 @@
+"""Synchronized batch norm, independent of the engine that moves the numbers.
+
+:mod:`fastbn.distributed` (mpi4py) and :mod:`fastbn._torch_sync` (torch.distributed) wrap
+their engine in a *communicator*: an object with ``rank``, ``size`` and one method,
+``allgather(vector)``, which takes a float64 vector of the same length on every rank and
+returns a (size, length) float64 array of every rank's vector, in rank order. Everything else
+is here, and is the split phases of :mod:`fastbn.phases` with a gather between them.
+
+Protocol (the same collectives in the same order on every rank, whatever happens):
+
+1. each rank checks its own arguments, keeping the error if there is one;
+2. **header**: every rank sends ``(error flag, C, local count)``: three doubles. If any rank
+   failed, every rank raises (the failing one its own error, the others
+   :class:`RemoteInputError` naming it), and no data collective is left waiting. Differing
+   feature counts and a global count below 2 in training raise on every rank too;
+3. **data**: forward gathers each rank's ``(mean, m2)`` (2C doubles) and merges them with
+   Chan's update in rank order; backward gathers ``(sum_dy, sum_dy_xmu, sum_xmu)`` (3C
+   doubles) and adds them in rank order. Every rank merges the same numbers in the same order,
+   so every rank gets the same bits.
+
+A gather, rather than an allreduce, because it is exact and deterministic by construction: an
+allreduce of (count, mean, M2) has no built-in operator, and a sum reduced in an order the
+library chooses need not give every rank the same bits. Its cost grows with the number of
+ranks (each receives ``size x 2C`` doubles): the README's "Distributed training" gives the
+figures, and the allreduce that would replace it at scale.
+
+With ``activation="relu"``, backward needs the forward's float64 mean for the mask; when the
+mean given is rounded (float32), one more gather (C doubles of ``sum(x - mean)``) recovers it
+first. The layers keep the float64 mean and never need it.
+"""
+import numpy as np
+
+from . import phases
+from ._common import BackwardResult, stats_dtype
+
+
+class RemoteInputError(ValueError):
+    """Another rank's input was rejected; that rank raised the error itself. Raised on every
+    other rank instead of leaving them waiting in a collective."""
+
+
+def _agree(comm, error, C, count, what):
+    """The header collective: every rank's (error flag, C, count); raises on every rank if any
+    failed. Returns the counts of all ranks (float64, rank order)."""
+    header = comm.allgather(np.array([0.0 if error is None else 1.0, float(C), float(count)]))
+    if error is not None:
+        raise error
+    failed = [r for r in range(comm.size) if header[r, 0] != 0.0]
+    if failed:
+        raise RemoteInputError(f"{what}: the input of rank(s) {failed} was rejected there "
+                               f"(see the error raised on that rank); nothing was computed")
+    features = header[:, 1]
+    if np.any(features != features[0]):
+        raise ValueError(f"{what}: ranks disagree on the number of features (C by rank: "
+                         f"{features.astype(int).tolist()})")
+    return header[:, 2]
+
+
+def forward(comm, x, gamma, beta, axis, running_mean, running_var, momentum, eps, activation,
+            out, backend, local_error=None):
+    """Training forward over the global batch. Returns (ForwardResult, float64 mean).
+
+    ``local_error``: an error the caller found already (the rank still takes part in the
+    header collective, and raises it there)."""
+    error, a = local_error, None
+    if error is None:
+        try:
+            a = phases.normalize_inputs(x, gamma, beta, axis, running_mean, running_var,
+                                        momentum, eps, activation, out, backend)
+        except (TypeError, ValueError) as exc:
+            error = exc
+    counts = _agree(comm, error, 0 if a is None else a.C, 0 if a is None else a.m,
+                    "forward")
+    total = float(counts.sum())
+    if total < 2:
+        raise ValueError(f"forward: training needs more than 1 value per feature in the whole "
+                         f"batch, got {total:g} over {comm.size} rank(s) (local counts "
+                         f"{counts.astype(int).tolist()})")
+    local = phases.batch_stats_checked(a.x, a.axis, a.backend)
+    C = a.C
+    gathered = comm.allgather(np.concatenate([local.mean, local.m2]))
+    count, mean, m2 = phases.merge_stats_checked(
+        [(counts[r], gathered[r, :C], gathered[r, C:]) for r in range(comm.size)])
+    result = phases.normalize_checked(a, count, mean, m2 / count)
+    return result, mean
+
+
+def _backward_checked(dy, x, mean, invstd, gamma, beta, axis, activation, out, backend):
+    x, dy, axis, C, mean_in, invstd, gamma, beta, activation = phases.backward_inputs(
+        dy, x, mean, invstd, gamma, beta, axis, activation)
+    phases.resolve_backend(phases._backend(backend))
+    out = phases._out(out, x, "x", (dy, x))
+    return x, dy, axis, C, mean_in, invstd, gamma, beta, activation, out
+
+
+def backward(comm, dy, x, mean, invstd, gamma, beta, axis, activation, out, backend,
+             local_error=None):
+    """Training backward: dx of the global batch, and this rank's dgamma and dbeta."""
+    error, checked = local_error, None
+    if error is None:
+        try:
+            checked = _backward_checked(dy, x, mean, invstd, gamma, beta, axis, activation,
+                                        out, backend)
+        except (TypeError, ValueError) as exc:
+            error = exc
+    C = m = 0
+    if checked is not None:
+        x, dy, axis, C, mean_in, invstd, gamma, beta, activation, out = checked
+        m = phases._values_per_feature(x.shape, axis)
+    counts = _agree(comm, error, C, m, "backward")
+    total = float(counts.sum())
+    if total < 1:
+        raise ValueError("backward: the whole batch is empty (no rank has values)")
+    mean_given = np.asarray(mean_in, dtype=np.float64)
+    mask_mean = mean_given
+    if activation == "relu" and mean_in.dtype != np.float64:
+        # the mask needs the forward's float64 mean: recover it from sum(x - mean) first
+        local_sx = _sum_xmu(x, axis, C, mean_given) if m else np.zeros(C)
+        sx = comm.allgather(local_sx).sum(axis=0)
+        mask_mean, _ = phases.refine(mean_in, phases.GradSums(total, sx, sx, sx))
+    local = phases.backward_sums_checked(dy, x, axis, C, mean_given, invstd, gamma, beta,
+                                         activation, mask_mean=mask_mean)
+    gathered = comm.allgather(np.concatenate([local.sum_dy, local.sum_dy_xmu, local.sum_xmu]))
+    summed = gathered.sum(axis=0)  # rank order, the same on every rank
+    whole = phases.GradSums(total, summed[:C], summed[C:2 * C], summed[2 * C:])
+    refined, offset = phases.refine(mean_in, whole)
+    dgamma, dbeta = phases.param_grads(whole, offset, invstd)
+    dx = phases.backward_dx_checked(dy, x, axis, C, refined, invstd, gamma, beta, activation,
+                                    total, dgamma, dbeta, out, mask_mean)
+    share_gamma, share_beta = phases.param_grads(local, offset, invstd)
+    sdt = stats_dtype(x.dtype)
+    return BackwardResult(dx, share_gamma.astype(sdt), share_beta.astype(sdt))
+
+
+def _sum_xmu(x, axis, C, mean):
+    d = phases._rows64(x, axis, C)
+    d -= mean
+    return d.sum(axis=0)
