@@ -47,6 +47,7 @@ import torch.autograd.forward_ad as _forward_ad
 from . import api  # noqa: F401  (tests spy on fastbn.torch.api.forward)
 from . import _torch_fuse, _torch_ops
 from ._torch_ops import FLOATS, HALF
+from ._torch_sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
     "batch_norm",
@@ -59,6 +60,8 @@ __all__ = [
     "BatchNormReLU2d",
     "BatchNormReLU3d",
     "fuse_relu",
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
 ]
 
 

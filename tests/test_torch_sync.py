@@ -1,0 +1,53 @@
+"""fastbn.torch.SyncBatchNorm without a process group (a plain batch norm, as PyTorch's) and
+convert_sync_batchnorm. The synchronized path runs in test_distributed.py (gloo group)."""
+import pytest
+
+torch = pytest.importorskip("torch")
+import fastbn.torch as fbt  # noqa: E402
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (6, 3, 5), (4, 3, 5, 4), (2, 3, 2, 3, 2)])
+def test_without_process_group_it_is_batchnorm(shape, backend):
+    torch.manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    bn = fbt.SyncBatchNorm(3, momentum=None).double()
+    ref = torch.nn.SyncBatchNorm(3, momentum=None).double()
+    for _ in range(2):
+        y, y_ref = bn(x), ref(x_ref)
+        torch.testing.assert_close(y, y_ref)
+        y.sum().mul(y).sum().backward()
+        y_ref.sum().mul(y_ref).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(bn.weight.grad, ref.weight.grad)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(bn.state_dict()[key], value)
+    bn.eval()
+    ref.eval()
+    torch.testing.assert_close(bn(x), ref(x_ref))
+    with pytest.raises(ValueError, match="at least 2D"):
+        bn(torch.randn(3))
+
+
+def test_convert_sync_batchnorm_keeps_state_and_parameters():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                              torch.nn.Sequential(torch.nn.BatchNorm1d(4, affine=False)),
+                              torch.nn.SyncBatchNorm(4, momentum=None),
+                              fbt.BatchNorm3d(4, eps=1e-3))
+    net[1].running_mean.fill_(0.5)
+    net[1].num_batches_tracked.fill_(7)
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    weight = net[1].weight
+    converted = fbt.convert_sync_batchnorm(net)
+    assert converted is net
+    for layer in (net[1], net[2][0], net[3], net[4]):
+        assert type(layer) is fbt.SyncBatchNorm and not layer.training
+    assert net[1].weight is weight  # shared, so an optimizer built before still works
+    assert net[2][0].weight is None and net[3].momentum is None and net[4].eps == 1e-3
+    after = net.state_dict()
+    assert sorted(after) == sorted(before)
+    for key in before:
+        torch.testing.assert_close(after[key], before[key])
+    single = fbt.convert_sync_batchnorm(torch.nn.BatchNorm2d(5))
+    assert type(single) is fbt.SyncBatchNorm
