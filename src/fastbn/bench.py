@@ -738,7 +738,14 @@ def main(argv=None):
     parser.add_argument("--frameworks", metavar="LIST",
                         help="instead of the table: the adapters beside each framework's own "
                         "batch norm, for some of jax,flax,keras-jax,keras-torch (or 'all')")
+    parser.add_argument("--distributed", action="store_true",
+                        help="instead of the table: synchronized batch norm (MPI and "
+                        "torch.distributed) on 1, 2 and 4 processes (--quick: smaller, 1 and 2)")
     opts = parser.parse_args(argv)
+    if opts.distributed:
+        from . import _bench_distributed
+
+        return _bench_distributed.main(quick=opts.quick)
     if opts.plot:
         require_matplotlib()  # now, not after the run
     import numba
