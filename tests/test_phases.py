@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 
 import fastbn
+from conftest import LAYOUTS as LAYOUTS_ALL
+from conftest import make_x
 from fastbn import phases
+from fastbn._backends import forced_parallel, thread_limit
 
 # (name, shape, axis): NCHW (feature-outer), NHWC (feature-inner, axis=-1), NC
 LAYOUTS = [("NCHW", (11, 4, 9, 8), 1), ("NHWC", (11, 9, 8, 4), -1), ("NC", (11, 6), 1)]
@@ -134,3 +137,56 @@ def test_errors_name_the_argument_and_change_nothing():
                            phases.GradSums(0.0, np.zeros(3), np.zeros(3), np.zeros(3)))
     with pytest.raises(ValueError, match="dy"):
         phases.backward_sums(x[:2], x, stats.mean, np.ones(3))
+
+
+def _split_run(x, dy, axis, backend, activation):
+    """Phases over two pieces of x cut along its first non-feature axis."""
+    cut_axis = 0 if axis != 0 else 1
+    n = x.shape[cut_axis]
+    pieces = [tuple(slice(a, b) if i == cut_axis else slice(None) for i in range(x.ndim))
+              for a, b in ((0, n // 2), (n // 2, n))]
+    C = x.shape[axis]
+    gamma, beta = np.linspace(0.5, 1.5, C), np.linspace(-0.2, 0.3, C)
+    merged = phases.merge_stats([phases.batch_stats(x[p], axis=axis, backend=backend)
+                                 for p in pieces])
+    ys = [phases.normalize(x[p], merged, gamma, beta, axis=axis, activation=activation,
+                           backend=backend) for p in pieces]
+    sums = phases.merge_sums([phases.backward_sums(dy[p], x[p], merged.mean, ys[0].invstd,
+                                                   gamma, beta, axis=axis, activation=activation,
+                                                   backend=backend) for p in pieces])
+    dxs = [phases.backward_dx(dy[p], x[p], merged.mean, ys[0].invstd, sums, gamma, beta,
+                              axis=axis, activation=activation, backend=backend).dx
+           for p in pieces]
+    return (np.concatenate([y.y for y in ys], axis=cut_axis),
+            np.concatenate(dxs, axis=cut_axis), gamma, beta)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+@pytest.mark.parametrize("name,shape,axis,order", LAYOUTS_ALL, ids=[lay[0] for lay in LAYOUTS_ALL])
+def test_every_layout_serial_and_parallel_alike(name, shape, axis, order, activation, backend):
+    """Awkward layouts (Fortran, strided, channels-last memory, broadcast, ...), float64,
+    against the fused functions; and the kernels give the same bits on one thread or two."""
+    x = make_x(shape, np.float64, order, seed=2)
+    dy = make_x(shape, np.float64, "C", seed=3)
+    with forced_parallel(False):
+        y1, dx1, gamma, beta = _split_run(x, dy, axis, backend, activation)
+    before = fastbn.get_num_threads()
+    fastbn.set_num_threads(min(2, thread_limit()))
+    try:
+        with forced_parallel(True):
+            y2, dx2, _, _ = _split_run(x, dy, axis, backend, activation)
+    finally:
+        fastbn.set_num_threads(before)
+    assert np.array_equal(y1, y2) and np.array_equal(dx1, dx2), name
+    ref = fastbn.forward(x, gamma, beta, axis=axis, activation=activation, backend=backend)
+    bref = fastbn.backward(dy, x, ref.mean, ref.invstd, gamma, beta, axis=axis,
+                           activation=activation, backend=backend)
+    assert np.abs(y1 - ref.y).max() <= 1e-12, name
+    assert np.abs(dx1 - bref.dx).max() <= 1e-12 * max(1.0, np.abs(bref.dx).max()), name
+
+
+def test_doctests():
+    import doctest
+
+    result = doctest.testmod(phases)
+    assert result.failed == 0 and result.attempted > 0

@@ -88,9 +88,9 @@ def forward(comm, x, gamma, beta, axis, running_mean, running_var, momentum, eps
 def _backward_checked(dy, x, mean, invstd, gamma, beta, axis, activation, out, backend):
     x, dy, axis, C, mean_in, invstd, gamma, beta, activation = phases.backward_inputs(
         dy, x, mean, invstd, gamma, beta, axis, activation)
-    phases.resolve_backend(phases._backend(backend))
+    backend = phases.resolve_backend(phases._backend(backend))
     out = phases._out(out, x, "x", (dy, x))
-    return x, dy, axis, C, mean_in, invstd, gamma, beta, activation, out
+    return x, dy, axis, C, mean_in, invstd, gamma, beta, activation, out, backend
 
 
 def backward(comm, dy, x, mean, invstd, gamma, beta, axis, activation, out, backend,
@@ -105,7 +105,7 @@ def backward(comm, dy, x, mean, invstd, gamma, beta, axis, activation, out, back
             error = exc
     C = m = 0
     if checked is not None:
-        x, dy, axis, C, mean_in, invstd, gamma, beta, activation, out = checked
+        x, dy, axis, C, mean_in, invstd, gamma, beta, activation, out, backend = checked
         m = phases._values_per_feature(x.shape, axis)
     counts = _agree(comm, error, C, m, "backward")
     total = float(counts.sum())
@@ -115,24 +115,22 @@ def backward(comm, dy, x, mean, invstd, gamma, beta, axis, activation, out, back
     mask_mean = mean_given
     if activation == "relu" and mean_in.dtype != np.float64:
         # the mask needs the forward's float64 mean: recover it from sum(x - mean) first
-        local_sx = _sum_xmu(x, axis, C, mean_given) if m else np.zeros(C)
+        local_sx = np.zeros(C)
+        if m:
+            stats = phases.batch_stats_checked(x, axis, backend)
+            local_sx = stats.count * (stats.mean - mean_given)
         sx = comm.allgather(local_sx).sum(axis=0)
         mask_mean, _ = phases.refine(mean_in, phases.GradSums(total, sx, sx, sx))
     local = phases.backward_sums_checked(dy, x, axis, C, mean_given, invstd, gamma, beta,
-                                         activation, mask_mean=mask_mean)
+                                         activation, backend, mask_mean=mask_mean)
     gathered = comm.allgather(np.concatenate([local.sum_dy, local.sum_dy_xmu, local.sum_xmu]))
     summed = gathered.sum(axis=0)  # rank order, the same on every rank
     whole = phases.GradSums(total, summed[:C], summed[C:2 * C], summed[2 * C:])
     refined, offset = phases.refine(mean_in, whole)
     dgamma, dbeta = phases.param_grads(whole, offset, invstd)
     dx = phases.backward_dx_checked(dy, x, axis, C, refined, invstd, gamma, beta, activation,
-                                    total, dgamma, dbeta, out, mask_mean)
+                                    total, dgamma, dbeta, out, mask_mean, backend)
     share_gamma, share_beta = phases.param_grads(local, offset, invstd)
     sdt = stats_dtype(x.dtype)
     return BackwardResult(dx, share_gamma.astype(sdt), share_beta.astype(sdt))
 
-
-def _sum_xmu(x, axis, C, mean):
-    d = phases._rows64(x, axis, C)
-    d -= mean
-    return d.sum(axis=0)

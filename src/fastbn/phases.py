@@ -28,20 +28,20 @@ Numerics
 
 Implementation
 --------------
-:func:`batch_stats` runs the compiled training-forward kernel (its float64 shifted sums) with
-the normalized output going to a scratch array, so it costs one forward pass;
-:func:`normalize` is the compiled eval path (the kernels' normalizing pass with float64
-statistics carried beyond x's precision) and updates running statistics with the compiled
-update. :func:`backward_sums` and :func:`backward_dx` are, for now, plain NumPy in float64
-on every backend (correct, but about as slow as :mod:`fastbn.reference`: they make a float64
-copy of x and dy); the ``backend`` argument selects the kernels of the other phases only.
-float16/bfloat16 inputs are not taken yet (convert them to float32).
+On the compiled backends every phase is one kernel launch over x's (A, C, B) view, with the
+fused kernels' own loops and summation order: :func:`batch_stats` and :func:`backward_sums`
+run reductions that return per-feature float64 sums around each feature's shift (converted
+here to (mean, M2) and to sums around the given mean), :func:`normalize` is the eval-mode
+normalizing pass with the float64 statistics carried beyond x's precision, and
+:func:`backward_dx` is the fused backward's dx pass with coefficients built from the whole
+batch's sums (:mod:`fastbn._phase_drivers`). The "reference" backend computes each phase in
+NumPy, float64 inside. float16/bfloat16 inputs are not taken yet (convert them to float32).
 """
 from typing import NamedTuple
 
 import numpy as np
 
-from . import reference
+from . import _phase_drivers, reference
 from ._backends import _kernels, resolve_backend
 from ._common import BackwardResult, ForwardResult, stats_dtype, update_running_stats
 from ._drivers import _forward_into, _update_running
@@ -163,9 +163,8 @@ def batch_stats_checked(x, axis, backend):
         mean = x64.mean(axis=0)
         x64 -= mean
         return BatchStats(float(m), mean, np.einsum("ij,ij->j", x64, x64))
-    args = _forward_record(x, axis, C, m, training=True, eps=1.0, backend=backend)
-    _, stats = _forward_into(backend, args)  # y goes to a scratch array
-    return BatchStats(float(m), stats[0].copy(), stats[1] * m)
+    mean, m2 = _phase_drivers.local_stats(backend, x, axis, C, m)
+    return BatchStats(float(m), mean, m2)
 
 
 def merge_stats(stats):
@@ -395,17 +394,13 @@ def _rows64(arr, axis, C):
 
 
 def _relu_mask(x, axis, C, mean, invstd, gamma, beta):
-    """Where the forward's ReLU output was positive: the normalized value recomputed as the
-    kernels' normalizing pass computes it (``(x - mean_hi) * scale + shift'`` in x's dtype,
-    from the float64 mean and the returned invstd), so the mask is the forward's own for data
-    of ordinary magnitude (|mean| <= 2**64)."""
-    dt = x.dtype.type
-    invstd_r = invstd.astype(x.dtype).astype(np.float64)  # invstd as the forward stored it
-    hi = mean.astype(x.dtype)
-    scale64 = gamma * invstd_r
-    shift = (beta - (mean - hi.astype(np.float64)) * scale64).astype(x.dtype)
+    """Where the forward's ReLU output was positive, as a (values, C) boolean array: the
+    normalized value recomputed as the kernels' normalizing pass computes it,
+    ``(x * s - mean_hi) * scale + shift'`` in x's dtype from the float64 mean and the returned
+    invstd (_phase_drivers.forward_coefs), so the mask is the forward's own."""
+    coef = _phase_drivers.forward_coefs(mean, invstd, gamma, beta, x.dtype)
     rows = np.moveaxis(x, axis, -1).reshape(-1, C)
-    return (rows - hi) * scale64.astype(x.dtype) + shift > dt(0)
+    return (rows * coef[0] - coef[1]) * coef[2] + coef[3] > 0
 
 
 def backward_sums(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, activation=None,
@@ -429,7 +424,7 @@ def backward_sums(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, activat
         The forward's. With "relu", g is dy where the forward's output was positive, else 0;
         pass the float64 mean then, since the mask is recomputed from ``mean``.
     backend : {None, "numba", "cython", "reference"}
-        Checked; these sums are computed in NumPy float64 on every backend for now.
+        As in :func:`fastbn.backward`.
 
     Returns
     -------
@@ -451,24 +446,32 @@ def backward_sums(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, activat
     """
     x, dy, axis, C, mean_in, invstd, gamma, beta, activation = backward_inputs(
         dy, x, mean, invstd, gamma, beta, axis, activation)
-    resolve_backend(_backend(backend))
+    backend = resolve_backend(_backend(backend))
     mean = np.asarray(mean_in, dtype=np.float64)
-    return backward_sums_checked(dy, x, axis, C, mean, invstd, gamma, beta, activation)
+    return backward_sums_checked(dy, x, axis, C, mean, invstd, gamma, beta, activation,
+                                 backend)
 
 
-def backward_sums_checked(dy, x, axis, C, mean, invstd, gamma, beta, activation, mask_mean=None):
-    """backward_sums on checked arguments (float64 vectors). ``mask_mean`` (default ``mean``):
-    the mean the ReLU mask is computed from."""
+def backward_sums_checked(dy, x, axis, C, mean, invstd, gamma, beta, activation, backend,
+                          mask_mean=None):
+    """backward_sums on checked arguments (float64 vectors, a resolved backend).
+    ``mask_mean`` (default ``mean``): the mean the ReLU mask is computed from."""
     m = _values_per_feature(x.shape, axis)
     if m == 0:
         zeros = np.zeros(C)
         return GradSums(0.0, zeros, zeros.copy(), zeros.copy())
+    mask_mean = mean if mask_mean is None else mask_mean
+    if backend != "reference":
+        mask = None if activation != "relu" else _phase_drivers.forward_coefs(
+            mask_mean, invstd, gamma, beta, x.dtype)
+        sum_xmu, sum_dy, sum_dy_xmu = _phase_drivers.backward_reduce(backend, dy, x, axis, C,
+                                                                     mean, mask)
+        return GradSums(float(m), sum_dy, sum_dy_xmu, sum_xmu)
     d = _rows64(x, axis, C)
     d -= mean
     g = _rows64(dy, axis, C)
     if activation == "relu":
-        g[~_relu_mask(x, axis, C, mean if mask_mean is None else mask_mean, invstd, gamma,
-                      beta)] = 0.0
+        g[~_relu_mask(x, axis, C, mask_mean, invstd, gamma, beta)] = 0.0
     sum_xmu = d.sum(axis=0)
     sum_dy = g.sum(axis=0)
     d *= g
@@ -552,7 +555,7 @@ def backward_dx(dy, x, mean, invstd, sums, gamma=None, beta=None, *, axis=1, act
     out : ndarray, optional
         Where to write dx; may be ``dy`` or ``x`` itself.
     backend : {None, "numba", "cython", "reference"}
-        Checked; dx is computed in NumPy float64 on every backend for now.
+        As in :func:`fastbn.backward`.
 
     Returns
     -------
@@ -584,22 +587,28 @@ def backward_dx(dy, x, mean, invstd, sums, gamma=None, beta=None, *, axis=1, act
     count, arrays = _stats_arg(sums, C, "sums")
     if count < 1:
         raise ValueError(f"sums.count must be at least 1, got {count:g}")
-    resolve_backend(_backend(backend))
+    backend = resolve_backend(_backend(backend))
     out = _out(out, x, "x", (dy, x))
     mean, offset = refine(mean_in, GradSums(count, *arrays))
     dgamma, dbeta = param_grads(GradSums(count, *arrays), offset, invstd)
     dx = backward_dx_checked(dy, x, axis, C, mean, invstd, gamma, beta, activation, count,
-                             dgamma, dbeta, out, np.asarray(mean_in, dtype=np.float64))
+                             dgamma, dbeta, out, np.asarray(mean_in, dtype=np.float64),
+                             backend)
     sdt = stats_dtype(x.dtype)
     return BackwardResult(dx, dgamma.astype(sdt), dbeta.astype(sdt))
 
 
 def backward_dx_checked(dy, x, axis, C, mean, invstd, gamma, beta, activation, count, dgamma,
-                        dbeta, out, mask_mean):
+                        dbeta, out, mask_mean, backend):
     """dx on checked arguments: float64 vectors, the refined mean, the whole batch's count
     and parameter gradients; ``mask_mean`` is the mean the ReLU mask is computed from."""
     if x.size == 0:
         return np.empty(x.shape, x.dtype) if out is None else out
+    if backend != "reference":
+        coef = _phase_drivers.grad_coefs(mean, invstd, gamma, dgamma, dbeta, count, x.dtype)
+        mask = None if activation != "relu" else _phase_drivers.forward_coefs(
+            mask_mean, invstd, gamma, beta, x.dtype)
+        return _phase_drivers.dx_pass(backend, dy, x, axis, C, coef, mask, out)
     g = _rows64(dy, axis, C)
     if activation == "relu":
         g[~_relu_mask(x, axis, C, mask_mean, invstd, gamma, beta)] = 0.0

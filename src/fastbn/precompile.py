@@ -1,7 +1,7 @@
 """Compile fastbn's kernels into Numba's on-disk cache ahead of time.
 
 ``python -m fastbn.precompile`` runs every kernel family (feature-outer and feature-inner;
-training and eval forward; backward) for float32 and float64 on contiguous arrays, in both
+training and eval forward; backward; the split phases of fastbn.phases) for float32 and float64 on contiguous arrays, in both
 their parallel and serial twins, so that later processes load machine code instead of
 compiling on first call. Useful when building an image or before timing a cold start.
 Strided inputs compile their own (rarer) specializations on first use.
@@ -15,6 +15,18 @@ import numpy as np
 # Shapes that reach each family: NCHW with long runs (outer), NC (inner). Big enough for the
 # parallel twin, small enough to run in milliseconds.
 _SHAPES = (((4, 8, 128, 128), 1), ((4096, 64), 1))
+
+
+def _split_phases(x, axis, invstd):
+    """The kernels of fastbn.phases (and so of the synchronized layers)."""
+    from fastbn import phases
+
+    stats = phases.batch_stats(x, axis=axis, backend="numba")
+    for activation in (None, "relu"):
+        sums = phases.backward_sums(x, x, stats.mean, invstd, axis=axis, activation=activation,
+                                    backend="numba")
+        phases.backward_dx(x, x, stats.mean, invstd, sums, axis=axis, activation=activation,
+                           backend="numba")
 
 
 def precompile(dtypes=(np.float32, np.float64), log=None):
@@ -34,6 +46,7 @@ def precompile(dtypes=(np.float32, np.float64), log=None):
                     fastbn.forward(x, axis=axis, training=False, running_mean=rm,
                                    running_var=rv, backend="numba")
                     fastbn.backward(x, x, mean, invstd, axis=axis, backend="numba")
+                    _split_phases(x, axis, invstd)
                 if log:
                     log(f"  {np.dtype(dtype).name} {shape} "
                         f"{'parallel' if parallel else 'serial'}: "
