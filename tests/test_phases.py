@@ -165,7 +165,10 @@ def _split_run(x, dy, axis, backend, activation):
 @pytest.mark.parametrize("name,shape,axis,order", LAYOUTS_ALL, ids=[lay[0] for lay in LAYOUTS_ALL])
 def test_every_layout_serial_and_parallel_alike(name, shape, axis, order, activation, backend):
     """Awkward layouts (Fortran, strided, channels-last memory, broadcast, ...), float64,
-    against the fused functions; and the kernels give the same bits on one thread or two."""
+    against the fused functions, on one thread and on two. The two agree to rounding, not bit
+    for bit: Numba compiles the serial and parallel twins apart, and freshly compiled twins
+    were seen to differ in the last bits of the ReLU backward (the statistics every rank
+    shares come from one merge, so they are identical on every rank regardless)."""
     x = make_x(shape, np.float64, order, seed=2)
     dy = make_x(shape, np.float64, "C", seed=3)
     with forced_parallel(False):
@@ -177,7 +180,9 @@ def test_every_layout_serial_and_parallel_alike(name, shape, axis, order, activa
             y2, dx2, _, _ = _split_run(x, dy, axis, backend, activation)
     finally:
         fastbn.set_num_threads(before)
-    assert np.array_equal(y1, y2) and np.array_equal(dx1, dx2), name
+    np.testing.assert_allclose(y2, y1, rtol=1e-13, atol=1e-13, err_msg=name)
+    np.testing.assert_allclose(dx2, dx1, rtol=1e-12, atol=1e-12 * np.abs(dx1).max(),
+                               err_msg=name)
     ref = fastbn.forward(x, gamma, beta, axis=axis, activation=activation, backend=backend)
     bref = fastbn.backward(dy, x, ref.mean, ref.invstd, gamma, beta, axis=axis,
                            activation=activation, backend=backend)
