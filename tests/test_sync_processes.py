@@ -1,7 +1,9 @@
 """fastbn.distributed over real MPI (mpiexec from the mpich wheel, 2 and 3 processes) and
 fastbn.torch.SyncBatchNorm over a 3-process torch.distributed gloo group. Each launch runs a
 worker module of this directory that checks many cases in one go (tests/mpi_worker.py,
-tests/gloo_worker.py); every launch has a timeout, so a hang fails instead of blocking."""
+tests/gloo_worker.py); every launch has a timeout, so a hang fails instead of blocking.
+(Named to run after test_phases.py and test_sync_core.py, whose runs fill Numba's on-disk
+cache that the workers then load instead of compiling.)"""
 import os
 import shutil
 import subprocess
@@ -17,9 +19,8 @@ LAUNCH_TIMEOUT_S = 240
 
 
 def _env():
-    """The environment of a worker: this fastbn first on the path, the default backend (the
-    MPI worker checks every compiled backend by name; the torch layer's path does not depend
-    on it), one thread per process (several processes share the cores)."""
+    """The environment of a worker: this fastbn first on the path, the default backend, one
+    thread per process (several processes share the cores)."""
     env = dict(os.environ)
     env.pop("FASTBN_BACKEND", None)
     src = str(Path(fastbn.__file__).resolve().parents[1])
@@ -40,7 +41,7 @@ def _check(proc, what):
     return output
 
 
-@pytest.mark.backends("numba")  # one launch: the workers choose their backends themselves
+@pytest.mark.backends("numba")  # one launch, on the default backend (see _env)
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_mpi_ranks_equal_single_process(ranks, backend):
     pytest.importorskip("mpi4py")
