@@ -30,7 +30,7 @@ first. The layers keep the float64 mean and never need it.
 """
 import numpy as np
 
-from . import phases
+from . import _phase_core
 from ._common import BackwardResult, stats_dtype
 
 
@@ -65,7 +65,7 @@ def forward(comm, x, gamma, beta, axis, running_mean, running_var, momentum, eps
     error, a = local_error, None
     if error is None:
         try:
-            a = phases.normalize_inputs(x, gamma, beta, axis, running_mean, running_var,
+            a = _phase_core.normalize_inputs(x, gamma, beta, axis, running_mean, running_var,
                                         momentum, eps, activation, out, backend)
         except (TypeError, ValueError) as exc:
             error = exc
@@ -76,20 +76,20 @@ def forward(comm, x, gamma, beta, axis, running_mean, running_var, momentum, eps
         raise ValueError(f"forward: training needs more than 1 value per feature in the whole "
                          f"batch, got {total:g} over {comm.size} rank(s) (local counts "
                          f"{counts.astype(int).tolist()})")
-    local = phases.batch_stats_checked(a.x, a.axis, a.backend)
+    local = _phase_core.batch_stats_checked(a.x, a.axis, a.backend)
     C = a.C
     gathered = comm.allgather(np.concatenate([local.mean, local.m2]))
-    count, mean, m2 = phases.merge_stats_checked(
+    count, mean, m2 = _phase_core.merge_stats_checked(
         [(counts[r], gathered[r, :C], gathered[r, C:]) for r in range(comm.size)])
-    result = phases.normalize_checked(a, count, mean, m2 / count)
+    result = _phase_core.normalize_checked(a, count, mean, m2 / count)
     return result, mean
 
 
 def _backward_checked(dy, x, mean, invstd, gamma, beta, axis, activation, out, backend):
-    x, dy, axis, C, mean_in, invstd, gamma, beta, activation = phases.backward_inputs(
+    x, dy, axis, C, mean_in, invstd, gamma, beta, activation = _phase_core.backward_inputs(
         dy, x, mean, invstd, gamma, beta, axis, activation)
-    backend = phases.resolve_backend(phases._backend(backend))
-    out = phases._out(out, x, "x", (dy, x))
+    backend = _phase_core.resolve_backend(_phase_core._backend(backend))
+    out = _phase_core._out(out, x, "x", (dy, x))
     return x, dy, axis, C, mean_in, invstd, gamma, beta, activation, out, backend
 
 
@@ -106,7 +106,7 @@ def backward(comm, dy, x, mean, invstd, gamma, beta, axis, activation, out, back
     C = m = 0
     if checked is not None:
         x, dy, axis, C, mean_in, invstd, gamma, beta, activation, out, backend = checked
-        m = phases._values_per_feature(x.shape, axis)
+        m = _phase_core._values_per_feature(x.shape, axis)
     counts = _agree(comm, error, C, m, "backward")
     total = float(counts.sum())
     if total < 1:
@@ -117,20 +117,20 @@ def backward(comm, dy, x, mean, invstd, gamma, beta, axis, activation, out, back
         # the mask needs the forward's float64 mean: recover it from sum(x - mean) first
         local_sx = np.zeros(C)
         if m:
-            stats = phases.batch_stats_checked(x, axis, backend)
+            stats = _phase_core.batch_stats_checked(x, axis, backend)
             local_sx = stats.count * (stats.mean - mean_given)
         sx = comm.allgather(local_sx).sum(axis=0)
-        mask_mean, _ = phases.refine(mean_in, phases.GradSums(total, sx, sx, sx))
-    local = phases.backward_sums_checked(dy, x, axis, C, mean_given, invstd, gamma, beta,
+        mask_mean, _ = _phase_core.refine(mean_in, _phase_core.GradSums(total, sx, sx, sx))
+    local = _phase_core.backward_sums_checked(dy, x, axis, C, mean_given, invstd, gamma, beta,
                                          activation, backend, mask_mean=mask_mean)
     gathered = comm.allgather(np.concatenate([local.sum_dy, local.sum_dy_xmu, local.sum_xmu]))
     summed = gathered.sum(axis=0)  # rank order, the same on every rank
-    whole = phases.GradSums(total, summed[:C], summed[C:2 * C], summed[2 * C:])
-    refined, offset = phases.refine(mean_in, whole)
-    dgamma, dbeta = phases.param_grads(whole, offset, invstd)
-    dx = phases.backward_dx_checked(dy, x, axis, C, refined, invstd, gamma, beta, activation,
+    whole = _phase_core.GradSums(total, summed[:C], summed[C:2 * C], summed[2 * C:])
+    refined, offset = _phase_core.refine(mean_in, whole)
+    dgamma, dbeta = _phase_core.param_grads(whole, offset, invstd)
+    dx = _phase_core.backward_dx_checked(dy, x, axis, C, refined, invstd, gamma, beta, activation,
                                     total, dgamma, dbeta, out, mask_mean, backend)
-    share_gamma, share_beta = phases.param_grads(local, offset, invstd)
+    share_gamma, share_beta = _phase_core.param_grads(local, offset, invstd)
     sdt = stats_dtype(x.dtype)
     return BackwardResult(dx, share_gamma.astype(sdt), share_beta.astype(sdt))
 
