@@ -11,4 +11,5 @@ from .layers import BatchNorm
 
 __version__ = "0.1.0"
 __all__ = ["forward", "backward", "BatchNorm", "available_backends", "set_num_threads",
-           "get_num_threads", "ForwardResult", "BackwardResult", "phases", "reference", "__version__"]
+           "get_num_threads", "ForwardResult", "BackwardResult", "phases", "reference",
+           "__version__"]
