@@ -35,6 +35,7 @@ class BatchStats(NamedTuple):
         with np.errstate(invalid="ignore", divide="ignore"):
             return self.m2 / self.count
 
+
 class GradSums(NamedTuple):
     """The backward pass's per-feature sums over a batch (or a piece of one), float64 (C,).
 
@@ -49,6 +50,7 @@ class GradSums(NamedTuple):
     sum_dy_xmu: np.ndarray
     sum_xmu: np.ndarray
 
+
 def _data(x, name, axis):
     x = _float_array(x, name)
     if x.dtype not in FLOAT_DTYPES:
@@ -59,6 +61,7 @@ def _data(x, name, axis):
                          f"got {x.ndim}")
     return x, _axis(axis, x.ndim)
 
+
 def _stats_arg(stats, C, name="stats"):
     if not isinstance(stats, (BatchStats, GradSums)) and not isinstance(stats, tuple):
         raise TypeError(f"{name} must be a BatchStats, got {type(stats).__name__}")
@@ -68,6 +71,7 @@ def _stats_arg(stats, C, name="stats"):
     arrays = [np.asarray(_vector(v, f"{name}.{field}", C), dtype=np.float64)
               for v, field in zip(stats[1:], stats._fields[1:])]
     return count, arrays
+
 
 def batch_stats_checked(x, axis, backend):
     """batch_stats on a checked float32/float64 x, a normalized axis and a resolved backend."""
@@ -83,6 +87,7 @@ def batch_stats_checked(x, axis, backend):
     mean, m2 = _phase_drivers.local_stats(backend, x, axis, C, m)
     return BatchStats(float(m), mean, m2)
 
+
 def merge_stats_checked(items):
     """merge_stats on (count, mean, m2) tuples already checked: a list in a fixed order."""
     items = [item for item in items if item[0] > 0] or items[:1]
@@ -96,6 +101,7 @@ def merge_stats_checked(items):
         return 0.0, np.zeros_like(mean, dtype=np.float64), np.zeros_like(m2, dtype=np.float64)
     return float(count), np.array(mean, dtype=np.float64), np.array(m2, dtype=np.float64)
 
+
 def _chan(a, b):
     na, mean_a, m2_a = a
     nb, mean_b, m2_b = b
@@ -104,15 +110,18 @@ def _chan(a, b):
     wb = nb / n
     return n, mean_a + delta * wb, (m2_a + m2_b) + delta * delta * (na * wb)
 
+
 def _forward_record(x, axis, C, m, *, training, eps, backend, gamma=None, beta=None,
                     running_mean=None, running_var=None, momentum=0.0, activation=None,
-                    out=None):
+                    out=None, running_var_factor=1.0):
     a = ForwardArgs()
     a.x, a.axis, a.C, a.m = x, axis, C, m
     a.gamma, a.beta, a.training = gamma, beta, training
     a.running_mean, a.running_var, a.momentum, a.eps = running_mean, running_var, momentum, eps
+    a.running_var_factor = running_var_factor
     a.activation, a.out, a.backend = activation, out, backend
     return a
+
 
 def normalize_inputs(x, gamma, beta, axis, running_mean, running_var, momentum, eps, activation,
                      out, backend):
@@ -147,6 +156,7 @@ def normalize_inputs(x, gamma, beta, axis, running_mean, running_var, momentum, 
                            beta=beta, running_mean=running_mean, running_var=running_var,
                            momentum=momentum, activation=activation, out=out)
 
+
 def normalize_checked(a, count, mean, var):
     """normalize on checked arguments (a record of :func:`normalize_inputs`); mean and var
     float64 (C,), the whole batch's, of ``count`` values per feature."""
@@ -165,17 +175,17 @@ def normalize_checked(a, count, mean, var):
     else:
         y, stats = _forward_into(backend, args)
     if running_mean is not None:
-        # the compiled update takes an integer count (float64 counts of integers are exact)
-        whole = int(count) if float(count).is_integer() else count
-        update = _forward_record(x, axis, C, whole, training=True, eps=eps, backend=backend,
+        # the unbiased variance of the whole batch's count (normalize checked count >= 2)
+        update = _forward_record(x, axis, C, count, training=True, eps=eps, backend=backend,
                                  running_mean=running_mean, running_var=running_var,
-                                 momentum=a.momentum)
-        if backend == "reference" or not isinstance(whole, int):
+                                 momentum=a.momentum, running_var_factor=count / (count - 1))
+        if backend == "reference":
             update_running_stats(update, stats[0], stats[1])
         else:
             _update_running(_kernels(backend), update, stats)
     both = stats[::2].astype(stats_dtype(x.dtype))
     return ForwardResult(y, both[0], both[1])
+
 
 def backward_inputs(dy, x, mean, invstd, gamma, beta, axis, activation):
     """The checks of :func:`backward_sums`: (x, dy, axis, C, mean as given, and float64
@@ -193,9 +203,11 @@ def backward_inputs(dy, x, mean, invstd, gamma, beta, axis, activation):
     beta = np.zeros(C) if beta is None else np.asarray(_vector(beta, "beta", C), np.float64)
     return x, dy, axis, C, mean_in, invstd, gamma, beta, _activation(activation)
 
+
 def _rows64(arr, axis, C):
     """arr as a float64 (values, C) array (a copy)."""
     return np.moveaxis(arr, axis, -1).reshape(-1, C).astype(np.float64)
+
 
 def _relu_mask(x, axis, C, mean, invstd, gamma, beta):
     """Where the forward's ReLU output was positive, as a (values, C) boolean array: the
@@ -205,6 +217,7 @@ def _relu_mask(x, axis, C, mean, invstd, gamma, beta):
     coef = _phase_drivers.forward_coefs(mean, invstd, gamma, beta, x.dtype)
     rows = np.moveaxis(x, axis, -1).reshape(-1, C)
     return (rows * coef[0] - coef[1]) * coef[2] + coef[3] > 0
+
 
 def backward_sums_checked(dy, x, axis, C, mean, invstd, gamma, beta, activation, backend,
                           mask_mean=None):
@@ -231,6 +244,7 @@ def backward_sums_checked(dy, x, axis, C, mean, invstd, gamma, beta, activation,
     d *= g
     return GradSums(float(m), sum_dy, d.sum(axis=0), sum_xmu)
 
+
 def merge_sums_checked(items):
     count = 0.0
     total = [np.zeros_like(np.asarray(items[0][1], dtype=np.float64)) for _ in range(3)]
@@ -239,6 +253,7 @@ def merge_sums_checked(items):
         for acc, value in zip(total, item[1:]):
             acc += value
     return GradSums(count, *total)
+
 
 def refine(mean_in, sums):
     """(refined float64 mean, its offset from mean_in) from the whole batch's sums: the float64
@@ -251,10 +266,12 @@ def refine(mean_in, sums):
     offset = np.where(np.abs(offset) <= ulp, offset, 0.0)
     return mean + offset, offset
 
+
 def param_grads(sums, offset, invstd):
     """(dgamma, dbeta) float64 of the batch the sums cover, around the refined mean
     ``mean_in + offset``."""
     return invstd * (sums.sum_dy_xmu - offset * sums.sum_dy), sums.sum_dy.copy()
+
 
 def backward_dx_checked(dy, x, axis, C, mean, invstd, gamma, beta, activation, count, dgamma,
                         dbeta, out, mask_mean, backend):

@@ -90,6 +90,7 @@ def batch_stats(x, *, axis=1, backend=None):
     backend = resolve_backend(_backend(backend))
     return batch_stats_checked(x, axis, backend)
 
+
 def merge_stats(stats):
     """The statistics of the union of batches, from theirs (exact, deterministic).
 
@@ -136,6 +137,7 @@ def merge_stats(stats):
         count, (mean, m2) = _stats_arg(BatchStats(*item), C, f"stats[{i}]")
         checked.append((count, mean, m2))
     return BatchStats(*merge_stats_checked(checked))
+
 
 def normalize(x, stats, gamma=None, beta=None, *, axis=1, running_mean=None,
               running_var=None, momentum=0.1, eps=1e-5, activation=None, out=None,
@@ -191,6 +193,7 @@ def normalize(x, stats, gamma=None, beta=None, *, axis=1, running_mean=None,
                          f"in training, got {count:g} (expected more than 1 value per feature)")
     return normalize_checked(a, count, mean, m2 / count)
 
+
 def backward_sums(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, activation=None,
                   backend=None):
     """The backward pass's per-feature sums over this piece of the batch, in float64.
@@ -239,6 +242,7 @@ def backward_sums(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, activat
     return backward_sums_checked(dy, x, axis, C, mean, invstd, gamma, beta, activation,
                                  backend)
 
+
 def merge_sums(sums):
     """The sums of the union of batches: added in the list's order (deterministic).
 
@@ -267,6 +271,7 @@ def merge_sums(sums):
     C = np.shape(items[0][1])[0] if np.ndim(items[0][1]) == 1 else 0
     checked = [_stats_arg(GradSums(*item), C, f"sums[{i}]") for i, item in enumerate(items)]
     return merge_sums_checked([(count, *arrays) for count, arrays in checked])
+
 
 def backward_dx(dy, x, mean, invstd, sums, gamma=None, beta=None, *, axis=1, activation=None,
                 out=None, backend=None):
