@@ -17,7 +17,8 @@ import fastbn
 
 pytest.importorskip("mypy")
 
-PUBLIC_MODULES = ("__init__.py", "api.py", "layers.py", "_common.py", "reference.py")
+PUBLIC_MODULES = ("__init__.py", "api.py", "layers.py", "_common.py", "reference.py", "phases.py",
+                  "distributed.py")
 FLAGS = ["--follow-imports=silent", "--disallow-untyped-defs", "--disallow-incomplete-defs",
          "--check-untyped-defs", "--strict-equality", "--warn-unused-ignores",
          "--warn-redundant-casts", "--no-error-summary", "--show-error-codes",

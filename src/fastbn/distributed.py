@@ -28,9 +28,13 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError("fastbn.distributed needs mpi4py: pip install 'fastbn[mpi]' (mpi4py and "
                       "the mpich wheel, which brings mpiexec)") from exc
 
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
 
 from . import _sync, api
+from ._common import ActivationName, BackendName, BackwardResult, ForwardResult
 from ._sync import RemoteInputError
 from ._validate import _flag
 from .layers import BatchNorm
@@ -42,7 +46,7 @@ class MPICommunicator:
     """An mpi4py communicator as fastbn's synchronized functions use it: ``allgather`` of a
     float64 vector into a (size, n) array, in rank order (``Comm.Allgather`` on buffers)."""
 
-    def __init__(self, comm=None):
+    def __init__(self, comm: "MPI.Intracomm | None" = None) -> None:
         comm = MPI.COMM_WORLD if comm is None else comm
         if not isinstance(comm, MPI.Intracomm):
             raise TypeError(f"comm must be an mpi4py intracommunicator (such as "
@@ -51,19 +55,24 @@ class MPICommunicator:
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
 
-    def allgather(self, vector):
+    def allgather(self, vector: ArrayLike) -> NDArray[np.float64]:
         send = np.ascontiguousarray(vector, dtype=np.float64)
         recv = np.empty((self.size, send.size))
         self.comm.Allgather(send, recv)
         return recv
 
 
-def _communicator(comm):
+def _communicator(comm: "MPI.Intracomm | MPICommunicator | None") -> "MPICommunicator":
     return comm if isinstance(comm, MPICommunicator) else MPICommunicator(comm)
 
 
-def forward(x, gamma=None, beta=None, *, comm=None, axis=1, training=True, running_mean=None,
-            running_var=None, momentum=0.1, eps=1e-5, activation=None, out=None, backend=None):
+def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
+            comm: "MPI.Intracomm | MPICommunicator | None" = None, axis: int = 1,
+            training: bool = True, running_mean: NDArray[np.floating[Any]] | None = None,
+            running_var: NDArray[np.floating[Any]] | None = None, momentum: float = 0.1,
+            eps: float = 1e-5, activation: ActivationName | None = None,
+            out: NDArray[Any] | None = None,
+            backend: BackendName | None = None) -> ForwardResult:
     """Batch normalization forward over the batch spread across the ranks of ``comm``.
 
     In training, ``mean`` and ``var`` are those of the global batch (every rank's x together),
@@ -116,8 +125,12 @@ def forward(x, gamma=None, beta=None, *, comm=None, axis=1, training=True, runni
     return result
 
 
-def backward(dy, x, mean, invstd, gamma=None, beta=None, *, comm=None, axis=1, training=True,
-             activation=None, out=None, backend=None):
+def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+             gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
+             comm: "MPI.Intracomm | MPICommunicator | None" = None, axis: int = 1,
+             training: bool = True, activation: ActivationName | None = None,
+             out: NDArray[Any] | None = None,
+             backend: BackendName | None = None) -> BackwardResult:
     """Batch normalization backward over the batch spread across the ranks of ``comm``.
 
     dx is the exact gradient, for this rank's slice, of the loss of the global batch (each
@@ -198,15 +211,18 @@ class SyncBatchNorm(BatchNorm):
     1
     """
 
-    def __init__(self, num_features, *, comm=None, axis=1, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, activation=None, dtype=np.float32):
+    def __init__(self, num_features: int, *,
+                 comm: "MPI.Intracomm | MPICommunicator | None" = None, axis: int = 1,
+                 eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, activation: ActivationName | None = None,
+                 dtype: DTypeLike = np.float32) -> None:
         super().__init__(num_features, axis=axis, eps=eps, momentum=momentum, affine=affine,
                          track_running_stats=track_running_stats, activation=activation,
                          dtype=dtype)
         self.comm = _communicator(comm)
         self._synced = False
 
-    def forward(self, x):
+    def forward(self, x: ArrayLike) -> NDArray[Any]:
         """Normalize this rank's slice x with the global batch's statistics (training) or as
         :class:`fastbn.BatchNorm` (eval); keeps what backward needs."""
         if not self.training:
@@ -226,7 +242,7 @@ class SyncBatchNorm(BatchNorm):
         self._synced = True
         return result.y
 
-    def backward(self, dy):
+    def backward(self, dy: ArrayLike) -> NDArray[Any]:
         """dx for the last forward's slice; stores this rank's ``grad_gamma``/``grad_beta``."""
         if self._saved is None or not self._synced:
             return super().backward(dy)
@@ -240,5 +256,5 @@ class SyncBatchNorm(BatchNorm):
 
     __call__ = forward
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "Sync" + super().__repr__()

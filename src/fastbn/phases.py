@@ -37,10 +37,14 @@ normalizing pass with the float64 statistics carried beyond x's precision, and
 batch's sums (:mod:`fastbn._phase_drivers`). The "reference" backend computes each phase in
 NumPy, float64 inside. float16/bfloat16 inputs are not taken yet (convert them to float32).
 """
+from collections.abc import Iterable
+from typing import Any
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 from ._backends import resolve_backend
-from ._common import BackwardResult, stats_dtype
+from ._common import ActivationName, BackendName, BackwardResult, ForwardResult, stats_dtype
 from ._phase_core import (BatchStats, GradSums, _backend, _data, _out, _stats_arg,
                           backward_dx_checked, backward_inputs,
                           backward_sums_checked, batch_stats_checked, merge_stats_checked,
@@ -51,7 +55,8 @@ __all__ = ["BatchStats", "GradSums", "batch_stats", "merge_stats", "normalize",
            "backward_sums", "merge_sums", "backward_dx"]
 
 
-def batch_stats(x, *, axis=1, backend=None):
+def batch_stats(x: ArrayLike, *, axis: int = 1,
+                backend: BackendName | None = None) -> BatchStats:
     """Per-feature count, mean and sum of squared deviations of ``x``, in float64.
 
     Parameters
@@ -91,7 +96,7 @@ def batch_stats(x, *, axis=1, backend=None):
     return batch_stats_checked(x, axis, backend)
 
 
-def merge_stats(stats):
+def merge_stats(stats: Iterable[BatchStats]) -> BatchStats:
     """The statistics of the union of batches, from theirs (exact, deterministic).
 
     Pairs are merged with Chan et al.'s update (``delta = mean_b - mean_a``,
@@ -139,9 +144,13 @@ def merge_stats(stats):
     return BatchStats(*merge_stats_checked(checked))
 
 
-def normalize(x, stats, gamma=None, beta=None, *, axis=1, running_mean=None,
-              running_var=None, momentum=0.1, eps=1e-5, activation=None, out=None,
-              backend=None):
+def normalize(x: ArrayLike, stats: BatchStats, gamma: ArrayLike | None = None,
+              beta: ArrayLike | None = None, *, axis: int = 1,
+              running_mean: NDArray[np.floating[Any]] | None = None,
+              running_var: NDArray[np.floating[Any]] | None = None, momentum: float = 0.1,
+              eps: float = 1e-5, activation: ActivationName | None = None,
+              out: NDArray[Any] | None = None,
+              backend: BackendName | None = None) -> ForwardResult:
     """Normalize x with given statistics (those of a larger batch), and update running ones.
 
     ``y = gamma * (x - mean) / sqrt(var + eps) + beta`` with ``mean = stats.mean`` and the
@@ -194,8 +203,10 @@ def normalize(x, stats, gamma=None, beta=None, *, axis=1, running_mean=None,
     return normalize_checked(a, count, mean, m2 / count)
 
 
-def backward_sums(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, activation=None,
-                  backend=None):
+def backward_sums(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+                  gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
+                  axis: int = 1, activation: ActivationName | None = None,
+                  backend: BackendName | None = None) -> GradSums:
     """The backward pass's per-feature sums over this piece of the batch, in float64.
 
     Parameters
@@ -243,7 +254,7 @@ def backward_sums(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, activat
                                  backend)
 
 
-def merge_sums(sums):
+def merge_sums(sums: Iterable[GradSums]) -> GradSums:
     """The sums of the union of batches: added in the list's order (deterministic).
 
     Parameters
@@ -273,8 +284,11 @@ def merge_sums(sums):
     return merge_sums_checked([(count, *arrays) for count, arrays in checked])
 
 
-def backward_dx(dy, x, mean, invstd, sums, gamma=None, beta=None, *, axis=1, activation=None,
-                out=None, backend=None):
+def backward_dx(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
+                sums: GradSums, gamma: ArrayLike | None = None, beta: ArrayLike | None = None,
+                *, axis: int = 1, activation: ActivationName | None = None,
+                out: NDArray[Any] | None = None,
+                backend: BackendName | None = None) -> BackwardResult:
     """dx of this piece of the batch, from the whole batch's sums (training mode).
 
     With M = ``sums.count``, mean refined as :func:`fastbn.backward` does (to
@@ -319,17 +333,16 @@ def backward_dx(dy, x, mean, invstd, sums, gamma=None, beta=None, *, axis=1, act
     >>> bool(np.allclose(dx, fastbn.backward(dy, x, mean, invstd).dx, atol=1e-12))
     True
     """
-    x, dy, axis, C, mean_in, invstd, gamma, beta, activation = backward_inputs(
+    xa, dya, axis, C, mean_in, inv, g, b, activation = backward_inputs(
         dy, x, mean, invstd, gamma, beta, axis, activation)
     count, arrays = _stats_arg(sums, C, "sums")
     if count < 1:
         raise ValueError(f"sums.count must be at least 1, got {count:g}")
-    backend = resolve_backend(_backend(backend))
-    out = _out(out, x, "x", (dy, x))
-    mean, offset = refine(mean_in, GradSums(count, *arrays))
-    dgamma, dbeta = param_grads(GradSums(count, *arrays), offset, invstd)
-    dx = backward_dx_checked(dy, x, axis, C, mean, invstd, gamma, beta, activation, count,
-                             dgamma, dbeta, out, np.asarray(mean_in, dtype=np.float64),
-                             backend)
-    sdt = stats_dtype(x.dtype)
+    name = resolve_backend(_backend(backend))
+    out = _out(out, xa, "x", (dya, xa))
+    refined, offset = refine(mean_in, GradSums(count, *arrays))
+    dgamma, dbeta = param_grads(GradSums(count, *arrays), offset, inv)
+    dx = backward_dx_checked(dya, xa, axis, C, refined, inv, g, b, activation, count, dgamma,
+                             dbeta, out, np.asarray(mean_in, dtype=np.float64), name)
+    sdt = stats_dtype(xa.dtype)
     return BackwardResult(dx, dgamma.astype(sdt), dbeta.astype(sdt))
