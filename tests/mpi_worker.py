@@ -110,7 +110,8 @@ def check_layer_over_steps():
     fastbn.BatchNorm on the whole batch, over several steps."""
     C, lr = 5, 0.1
     whole = fastbn.BatchNorm(C, dtype=np.float64, activation="relu")
-    sync = distributed.SyncBatchNorm(C, dtype=np.float64, activation="relu", momentum=None)
+    sync = distributed.SyncBatchNorm(C, dtype=np.float64, activation="relu", momentum=None,
+                                     comm=CountingCommunicator())
     whole.momentum = None
     rng = np.random.default_rng(3)
     for step in range(3):
@@ -130,6 +131,7 @@ def check_layer_over_steps():
             np.testing.assert_allclose(g, g_ref, rtol=1e-11, atol=1e-12)
             p -= lr * g
             p_ref -= lr * g_ref
+    assert sync.comm.calls == 2 * 3, "a layer: one collective per pass"
     state, ref_state = sync.state_dict(), whole.state_dict()
     assert sorted(state) == sorted(ref_state)
     for key in state:

@@ -172,3 +172,37 @@ def test_global_count_below_two_raises_on_every_rank():
     _, errors = group.run(lambda comm, rank: _sync.forward(
         comm, np.ones((0, 3)), None, None, 1, None, None, 0.1, 1e-5, None, None, None))
     assert all(isinstance(e, ValueError) and "got 0" in str(e) for e in errors)
+
+
+def test_layers_fold_the_header_into_one_collective_per_pass():
+    """With the C every rank expects (a layer's num_features), each pass is one collective,
+    and a bad input (here: the wrong C on one rank) still raises on every rank."""
+    x = np.random.default_rng(3).normal(2.0, 1.5, (9, 4, 5))
+    dy = np.random.default_rng(4).normal(size=x.shape)
+    ref = fastbn.forward(x)
+    bref = fastbn.backward(dy, x, ref.mean, ref.invstd)
+    group = ThreadGroup(3)
+
+    def rank_fn(comm, rank):
+        s = SLICES[rank]
+        fwd, mean64 = _sync.forward(comm, x[s], None, None, 1, None, None, 0.1, 1e-5, None,
+                                    None, None, features=4)
+        bwd = _sync.backward(comm, dy[s], x[s], mean64, fwd.invstd, None, None, 1, None, None,
+                             None, features=4)
+        return fwd.y, bwd.dx
+
+    results, errors = group.run(rank_fn)
+    assert errors == [None] * 3 and group.collectives == [2, 2, 2]
+    np.testing.assert_allclose(np.concatenate([r[0] for r in results]), ref.y, atol=1e-12)
+    np.testing.assert_allclose(np.concatenate([r[1] for r in results]), bref.dx, atol=1e-12)
+    group = ThreadGroup(3)
+
+    def bad_fn(comm, rank):
+        xr = x[:, :3] if rank == 2 else x  # 3 features where the layer has 4
+        return _sync.forward(comm, xr, None, None, 1, None, None, 0.1, 1e-5, None, None, None,
+                             features=4)
+
+    _, errors = group.run(bad_fn)
+    assert "num_features=4" in str(errors[2])
+    assert all(isinstance(errors[r], _sync.RemoteInputError) for r in (0, 1))
+    assert group.collectives == [1, 1, 1]

@@ -6,8 +6,8 @@ PyTorch's own ``torch.nn.SyncBatchNorm`` runs on GPUs only, and DistributedDataP
 rejects any instance of it on the CPU; this class therefore derives from
 ``torch.nn.modules.batchnorm._BatchNorm`` instead, with the same constructor arguments,
 ``state_dict`` keys and train/eval behaviour. The numbers are fastbn's synchronized phases
-(:mod:`fastbn._sync`): exact merged statistics, bit-identical on every rank, two small
-collectives per pass.
+(:mod:`fastbn._sync`): exact merged statistics, bit-identical on every rank, one small
+collective per pass.
 """
 import numpy as np
 import torch
@@ -61,7 +61,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """y = batch_norm(x) with the global batch's statistics; backward is a collective too."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, comm):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, comm,
+                features):
         tensors = (x, weight, bias, running_mean, running_var)
         error = _unsupported(tensors)
         y = torch.empty_like(x, memory_format=torch.preserve_format)
@@ -70,10 +71,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         else:  # still takes part in the header collective, and raises there
             args = [None] * 6
         result, mean64 = _sync.forward(comm, args[0], args[1], args[2], 1, args[3], args[4],
-                                       momentum, eps, None, args[5], None, local_error=error)
+                                       momentum, eps, None, args[5], None, local_error=error,
+                                       features=features)
         ctx.save_for_backward(x, weight, bias)
         ctx.stats = (mean64, result.invstd)
         ctx.comm = comm
+        ctx.features = features
         return y
 
     @staticmethod
@@ -87,12 +90,12 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             dy = dy.to(x.dtype)
         _, dgamma, dbeta = _sync.backward(
             ctx.comm, None if error else _numpy(dy), _numpy(x), mean64, invstd, _numpy(weight),
-            _numpy(bias), 1, None, dx.numpy(), None, local_error=error)
+            _numpy(bias), 1, None, dx.numpy(), None, local_error=error, features=ctx.features)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         return (dx if need_x else None,
                 torch.from_numpy(dgamma).to(weight.dtype) if need_w else None,
                 torch.from_numpy(dbeta).to(bias.dtype) if need_b else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
@@ -106,8 +109,8 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     initialized process group, or with a group of one process, it is a plain batch norm on
     fastbn's kernels. The weight and bias gradients are this rank's share:
     DistributedDataParallel averages them with the other gradients, as it does for PyTorch's
-    layer. Each training step costs two small collectives in forward and two in backward
-    (see :mod:`fastbn.distributed`). A bad input on one rank raises on every rank.
+    layer. Each training step costs one collective in forward and one in backward, of
+    (2 + 2C) and (2 + 3C) doubles per rank (see :mod:`fastbn.distributed`). A bad input on one rank raises on every rank.
 
     Parameters
     ----------
@@ -175,7 +178,7 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
                               bn_training, factor, self.eps)
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean,
                                             running_var, float(factor), float(self.eps),
-                                            TorchCommunicator(group))
+                                            TorchCommunicator(group), self.num_features)
 
 
 def convert_sync_batchnorm(module, process_group=None):

@@ -12,10 +12,12 @@ bit, on every rank.
   output. A global batch of fewer than 2 values per feature in training raises on every rank.
 - Statistics are merged exactly (Chan et al.'s update on per-rank count, mean and M2), never
   as ``E[x^2] - E[x]^2``.
-- Each call costs two collectives: a header of three doubles per rank (so that a bad input on
-  one rank raises on every rank instead of leaving the others waiting), then a gather of 2C
-  (forward) or 3C (backward) doubles per rank. No activations are sent. Eval mode does not
-  communicate. See the README, "Distributed training", for the cost at scale.
+- Each call of :func:`forward` or :func:`backward` costs two collectives: a header of three
+  doubles per rank (so that a bad input on one rank, a wrong C included, raises on every rank
+  instead of leaving the others waiting), then a gather of 2C (forward) or 3C (backward)
+  doubles per rank. :class:`SyncBatchNorm` knows C and sends both in one collective per pass.
+  No activations are sent. Eval mode does not communicate. See the README, "Distributed
+  training", for the cost at scale.
 - Call every function on every rank of ``comm``, in the same order, as with any collective.
 
 Requires mpi4py (``pip install 'fastbn[mpi]'``, which also brings the ``mpich`` wheel and its
@@ -186,8 +188,8 @@ class SyncBatchNorm(BatchNorm):
     """:class:`fastbn.BatchNorm` whose training statistics are those of the global batch.
 
     Same arguments (plus ``comm``), attributes and state dict as :class:`fastbn.BatchNorm`.
-    In training mode, :meth:`forward` and :meth:`backward` are collectives over ``comm``
-    (call them on every rank, in the same order); ``grad_gamma`` and ``grad_beta`` are this
+    In training mode, :meth:`forward` and :meth:`backward` are one collective each over
+    ``comm`` (call them on every rank, in the same order); ``grad_gamma`` and ``grad_beta`` are this
     rank's share (sum them over the ranks, with the other gradients). In eval mode the layer
     is a plain :class:`fastbn.BatchNorm` (running statistics, or with
     ``track_running_stats=False`` the local batch's): no communication, as PyTorch's.
@@ -234,7 +236,8 @@ class SyncBatchNorm(BatchNorm):
             factor = 1.0 / tracked
         result, mean64 = _sync.forward(self.comm, x, self.weight, self.bias, self.axis,
                                        self.running_mean, self.running_var, factor, self.eps,
-                                       self.activation, None, None)
+                                       self.activation, None, None,
+                                       features=self.num_features)
         if self.track_running_stats:  # only once forward succeeded
             self.num_batches_tracked = tracked
         # the float64 mean: backward needs no collective to refine it
@@ -248,7 +251,8 @@ class SyncBatchNorm(BatchNorm):
             return super().backward(dy)
         x, mean, invstd, _ = self._saved
         dx, dgamma, dbeta = _sync.backward(self.comm, dy, x, mean, invstd, self.weight,
-                                           self.bias, self.axis, self.activation, None, None)
+                                           self.bias, self.axis, self.activation, None, None,
+                                           features=self.num_features)
         if self.affine:
             self.grad_gamma = dgamma.astype(self.dtype)
             self.grad_beta = dbeta.astype(self.dtype)
