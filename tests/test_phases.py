@@ -2,6 +2,8 @@
 of uneven size, an empty one among them, every layout family, dtype, activation and backend."""
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastbn
 from conftest import LAYOUTS as LAYOUTS_ALL
@@ -195,3 +197,35 @@ def test_doctests():
 
     result = doctest.testmod(phases)
     assert result.failed == 0 and result.attempted > 0
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(n=st.integers(2, 40), C=st.integers(1, 5), B=st.sampled_from([1, 3, 70]),
+       cuts=st.lists(st.integers(0, 40), max_size=5), loc=st.sampled_from([0.0, 1e6]),
+       relu=st.booleans(), data=st.data())
+def test_hypothesis_any_split_equals_the_whole(n, C, B, cuts, loc, relu, data, backend):
+    """Any split of the batch (empty pieces included, runs short and long), merged, gives
+    the whole batch's forward and backward (float64)."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16), label="seed"))
+    x = loc + rng.standard_normal((n, C, B))
+    dy = rng.standard_normal(x.shape)
+    edges = sorted({0, n, *(min(c, n) for c in cuts)})
+    pieces = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])] + [slice(0, 0)]
+    activation = "relu" if relu else None
+    merged = phases.merge_stats([phases.batch_stats(x[p], backend=backend) for p in pieces])
+    outs = [phases.normalize(x[p], merged, activation=activation, backend=backend)
+            for p in pieces]
+    sums = phases.merge_sums([phases.backward_sums(dy[p], x[p], merged.mean, outs[0].invstd,
+                                                   activation=activation, backend=backend)
+                              for p in pieces])
+    dx = np.concatenate([phases.backward_dx(dy[p], x[p], merged.mean, outs[0].invstd, sums,
+                                            activation=activation, backend=backend).dx
+                         for p in pieces])
+    ref = fastbn.forward(x, activation=activation, backend=backend)
+    bref = fastbn.backward(dy, x, ref.mean, ref.invstd, activation=activation, backend=backend)
+    cond = max(1.0, loc) * np.abs(ref.invstd).max()  # relative error grows with mean/spread
+    np.testing.assert_allclose(np.concatenate([o.y for o in outs]), ref.y,
+                               atol=1e-13 * cond + 1e-12)
+    np.testing.assert_allclose(dx, bref.dx, atol=(1e-13 * cond + 1e-12)
+                               * max(1.0, np.abs(bref.dx).max()))
