@@ -51,3 +51,12 @@ def test_convert_sync_batchnorm_keeps_state_and_parameters():
         torch.testing.assert_close(after[key], before[key])
     single = fbt.convert_sync_batchnorm(torch.nn.BatchNorm2d(5))
     assert type(single) is fbt.SyncBatchNorm
+
+
+def test_doctests():
+    import doctest
+
+    import fastbn._torch_sync
+
+    result = doctest.testmod(fastbn._torch_sync)
+    assert result.failed == 0 and result.attempted > 0
