@@ -51,6 +51,8 @@ def test_convert_sync_batchnorm_keeps_state_and_parameters():
         torch.testing.assert_close(after[key], before[key])
     single = fbt.convert_sync_batchnorm(torch.nn.BatchNorm2d(5))
     assert type(single) is fbt.SyncBatchNorm
+    fused = fbt.BatchNormReLU2d(4)  # a fused activation would be lost: left alone
+    assert fbt.convert_sync_batchnorm(torch.nn.Sequential(fused))[0] is fused
 
 
 def test_doctests():
