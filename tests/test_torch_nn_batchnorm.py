@@ -13,9 +13,8 @@ TestNN
         bfloat16, float16, float32 parameters with half input; float64 added)
     test_batchnorm_half_overflow -> test_half_overflow (smaller tensors that still overflow a
         float16 sum of squares)
-    test_batchnorm_non_contig_cpu[BatchNorm2d] -> test_non_contig_cpu
-    test_batchnorm_non_contig_cpu[SyncBatchNorm] -> not applicable: fastbn.torch has no
-        SyncBatchNorm (``convert`` leaves it alone)
+    test_batchnorm_non_contig_cpu[BatchNorm2d], [SyncBatchNorm] -> test_non_contig_cpu
+        (fastbn.torch.BatchNorm2d and fastbn.torch.SyncBatchNorm)
     test_batchnorm_cudnn_nhwc, test_batchnorm_cudnn_half, test_batchnorm_nhwc_cuda -> not
         applicable: CUDA/cuDNN only
     test_batchnorm_nonaffine_cuda_half_input -> CUDA only; its assertion (half input, float32
@@ -38,8 +37,11 @@ TestNN
         ``torch.batch_norm_update_stats``, which fastbn does not provide (fastbn leaves the
         running statistics untouched on an empty batch: test_BatchNorm_empty)
     test_state_dict (its BatchNorm2d entries) -> test_state_dict_entries
-    test_convert_sync_batchnorm, test_sync_batchnorm_backward_elemt,
-        test_sync_batchnorm_accuracy_cuda -> not applicable: CUDA only (SyncBatchNorm kernels)
+    test_convert_sync_batchnorm -> CUDA only in test_nn.py; the same assertions on the CPU
+        with fastbn.torch.convert_sync_batchnorm in test_convert_sync_batchnorm
+    test_sync_batchnorm_backward_elemt, test_sync_batchnorm_accuracy_cuda -> not applicable:
+        CUDA only, and they test ATen operators (torch.batch_norm_backward_elemt,
+        torch.batch_norm_stats) that fastbn does not provide
 TestNNDeviceType (CPU instantiation)
     test_BatchNorm_empty (float64 input, float32 module) -> test_BatchNorm_empty (1d and 3d
         added)
@@ -225,14 +227,16 @@ def test_half_overflow(case, param_dtype, fwd_format, bwd_format, monkeypatch):
         _close_to(bn.bias.grad, ref.bias.grad, torch.float16)
 
 
+@pytest.mark.parametrize("bn_module", [fbt.BatchNorm2d, fbt.SyncBatchNorm],
+                         ids=["BatchNorm2d", "SyncBatchNorm"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-def test_non_contig_cpu(dtype, monkeypatch):
-    """test_batchnorm_non_contig_cpu[BatchNorm2d]: a permuted input (1, 2, 3, 1) normalizes in
-    eval as its contiguous copy does, and the output is channels_last; half-precision permuted
-    input with a float32 module agrees with the float32 computation."""
+def test_non_contig_cpu(bn_module, dtype, monkeypatch):
+    """test_batchnorm_non_contig_cpu: a permuted input (1, 2, 3, 1) normalizes in eval as its
+    contiguous copy does in torch's BatchNorm2d, and the output is channels_last;
+    half-precision permuted input with a float32 module agrees with the float32 computation."""
     g = torch.Generator().manual_seed(2)
     x = torch.arange(6, dtype=torch.float).reshape(1, 3, 2, 1).permute(0, 2, 1, 3)
-    bn = fbt.BatchNorm2d(2).float().eval()
+    bn = bn_module(2).float().eval()
     with torch.no_grad():
         bn.weight.uniform_(generator=g)
         bn.bias.uniform_(generator=g)
@@ -240,7 +244,7 @@ def test_non_contig_cpu(dtype, monkeypatch):
     ref_bn.load_state_dict(bn.state_dict())
     ref_out = ref_bn(x.detach().clone().contiguous())
     x_half = torch.arange(24, dtype=dtype).reshape(1, 3, 2, 4).permute(0, 2, 1, 3)
-    bn_mix = fbt.BatchNorm2d(2).float().eval()
+    bn_mix = bn_module(2).float().eval()
     ref_mix = nn.BatchNorm2d(2).float().eval()
     ref_mix.load_state_dict(bn_mix.state_dict())
     ref_out_half = ref_mix(x_half.float())
@@ -365,6 +369,26 @@ def test_state_dict_entries():
                           "bn.num_batches_tracked"}
     for key, value in state.items():
         assert value.data_ptr() == getattr(net.bn, key.split(".")[1]).data_ptr()
+
+
+def test_convert_sync_batchnorm():
+    """test_convert_sync_batchnorm (CUDA only in test_nn.py), on the CPU with
+    fastbn.torch.convert_sync_batchnorm: BatchNorm1d becomes a SyncBatchNorm, InstanceNorm1d
+    stays, and every state entry keeps its device and value."""
+    module = nn.Sequential(fbt.BatchNorm1d(100), nn.InstanceNorm1d(100))
+    with torch.no_grad():
+        module[0].running_mean.uniform_(-1, 1)
+        module[0].weight.uniform_(0.5, 1.5)
+    comp_module = nn.Sequential(fbt.BatchNorm1d(100), nn.InstanceNorm1d(100))
+    comp_module.load_state_dict(module.state_dict())
+    sync_bn_module = fbt.convert_sync_batchnorm(module)
+    children = list(sync_bn_module.children())
+    assert children[0].__class__ is fbt.SyncBatchNorm
+    assert children[1].__class__ is nn.InstanceNorm1d
+    for layer, converted in zip(comp_module.children(), sync_bn_module.children()):
+        for key in layer.state_dict():
+            assert layer.state_dict()[key].device == converted.state_dict()[key].device
+            assert torch.equal(layer.state_dict()[key], converted.state_dict()[key])
 
 
 # --- TestNNDeviceType (CPU) -----------------------------------------------------------------------
