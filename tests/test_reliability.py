@@ -113,6 +113,8 @@ def _child(queue, shape, axis, dtype, runs):
         queue.put((repr(exc), None))
 
 
+# JAX, when another test imported it, warns at every fork; the child here never uses JAX.
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_child_forked_after_parallel_kernels_can_run_them(backend, monkeypatch):
     """PyTorch's DataLoader forks workers after the parent ran kernels: the child must run
