@@ -48,6 +48,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError("fastbn.flax needs Flax; install it with: pip install 'fastbn[flax]' "
                       "(flax, jax and jaxlib)") from exc
 
+from . import _jax_sync
 from . import jax as _fastbn_jax
 from ._conventions import decay_convention
 
@@ -119,11 +120,11 @@ class BatchNorm(nn.Module):
         if len(feature_axes) != 1:
             raise NotImplementedError(f"fastbn.flax.BatchNorm normalizes over one feature "
                                       f"axis, got axis={self.axis!r}")
-        for name, value in (("axis_name", self.axis_name), ("mask", mask)):
-            if value is not None and not (initializing and name == "axis_name"):
-                raise NotImplementedError(
-                    f"fastbn.flax.BatchNorm does not support {name}: fastbn's kernels see one "
-                    f"device's batch; use flax.linen.BatchNorm for this layer")
+        if mask is not None:
+            raise NotImplementedError("fastbn.flax.BatchNorm does not support mask; use "
+                                      "flax.linen.BatchNorm for this layer")
+        if self.axis_index_groups is not None and self.axis_name is None:
+            raise ValueError("axis_index_groups needs axis_name")
         stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
         ra_mean = self.variable("batch_stats", "mean",
                                 lambda s: jnp.zeros(s, stats_dtype), feature_shape)
@@ -147,6 +148,13 @@ class BatchNorm(nn.Module):
             y = _fastbn_jax.batch_norm(x, scale, bias, axis=axis, training=False,
                                        running_mean=ra_mean.value, running_var=ra_var.value,
                                        eps=self.epsilon).y
+        elif self.axis_name is not None and not initializing:
+            # Flax's init takes no collective either (there may be no named axis then)
+            y, mean, var = _jax_sync.batch_norm(
+                x, scale, bias, axis=axis, eps=self.epsilon, axis_name=self.axis_name,
+                axis_index_groups=self.axis_index_groups)
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         elif x.size // max(1, x.shape[axis]) < 2:
             y, mean, var = _one_value_per_feature(x, scale, bias, axis, self.epsilon)
             if not initializing:
