@@ -82,6 +82,33 @@ def _gather(cfg, words):
     return jax.lax.all_gather(words, cfg.axis_name, axis_index_groups=cfg.axis_index_groups)
 
 
+def _manual_axes(value):
+    """The shard_map axes over which value varies (empty outside shard_map's type checks)."""
+    aval = jax.typeof(value) if hasattr(jax, "typeof") else None
+    mat = getattr(aval, "manual_axis_type", None)  # JAX >= 0.10; before: aval.vma
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _varying_like(value, model):
+    """value typed as varying over model's shard_map axes: a callback's results are typed
+    as the same on every device, which y and dx are not."""
+    missing = tuple(_manual_axes(model) - _manual_axes(value))
+    if not missing:
+        return value
+    pcast = getattr(jax.lax, "pcast", None)
+    if pcast is None:  # JAX before pcast
+        return jax.lax.pvary(value, missing)
+    return pcast(value, missing, to="varying")
+
+
+def _cotangent(share, x, param):
+    """A parameter's gradient from this device's share: summed over the shard_map axes along
+    which the parameter is the same on every device (as JAX's own transpose does)."""
+    share = _varying_like(share.astype(param.dtype), x)
+    shared = tuple(_manual_axes(share) - _manual_axes(param))
+    return jax.lax.psum(share, shared) if shared else share
+
+
 def _views(*arrays):
     return [None if a is None else np.asarray(a) for a in arrays]
 
@@ -179,7 +206,7 @@ def _forward(cfg, x, gamma, beta):
     y, mean, var, invstd, mean_words = _call(
         normalize, (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat, stat, _words(C)),
         x, gathered, gamma, beta)
-    return (y, mean, var), (mean_words, invstd)
+    return (_varying_like(y, x), mean, var), (mean_words, invstd)
 
 
 def _forward_vjp(cfg, x, gamma, beta):
@@ -197,8 +224,8 @@ def _backward_vjp(cfg, residuals, cotangents):
     stat = jax.ShapeDtypeStruct((C,), invstd.dtype)
     dx, dgamma, dbeta = _call(dx_of, (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat),
                               dy, x, mean_words, invstd, local, gathered, gamma, beta)
-    return (dx, None if gamma is None else dgamma.astype(gamma.dtype),
-            None if beta is None else dbeta.astype(beta.dtype))
+    return (_varying_like(dx, x), None if gamma is None else _cotangent(dgamma, x, gamma),
+            None if beta is None else _cotangent(dbeta, x, beta))
 
 
 _sync_batch_norm.defvjp(_forward_vjp, _backward_vjp)
