@@ -8,6 +8,7 @@ jax = pytest.importorskip("jax")
 nn = pytest.importorskip("flax.linen")
 jnp = jax.numpy
 
+import fastbn._phase_core  # noqa: E402
 import fastbn.api  # noqa: E402
 import fastbn.flax  # noqa: E402
 
@@ -166,7 +167,6 @@ def test_errors_are_flaxs(build, call, error, words):
 
 
 @pytest.mark.parametrize("build,call,words", [
-    (dict(axis_name="batch"), dict(), "axis_name"),
     (dict(), dict(mask=jnp.ones((4, 3), bool)), "mask"),
     (dict(axis=(0, 1)), dict(), "one feature axis"),
 ])
@@ -182,3 +182,169 @@ def test_unsupported_options_raise(build, call, words):
 def test_docstring_examples():
     import doctest
     assert doctest.testmod(fastbn.flax).failed == 0
+
+
+# --- batch statistics across devices (axis_name) ----------------------------------------------
+
+DEVICES = 3
+
+
+def _per_device_step(module, variables, weights):
+    """vmap over a leading axis of devices, each taking the gradient of its own loss
+    sum(sin(BN(x)) * weights), as a pmap'd training step does."""
+    def loss(params, x, w):
+        y, updates = module.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                  x, use_running_average=False, mutable=["batch_stats"])
+        return (jnp.sin(y) * w).sum(), (y, updates["batch_stats"])
+
+    grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
+    return jax.jit(jax.vmap(grad, in_axes=(None, 0, 0), axis_name="batch"))
+
+
+@pytest.mark.parametrize("name,shape,axis",
+                         LAYOUTS + [("NC, one value per device", (1, 5), -1)],
+                         ids=[n for n, _, _ in LAYOUTS] + ["NC1"])
+def test_axis_name_under_vmap_matches_flax_and_the_whole_batch(name, shape, axis,
+                                                               monkeypatch):
+    local_stats = []
+    real = fastbn._phase_core.batch_stats_checked
+    monkeypatch.setattr(fastbn._phase_core, "batch_stats_checked",
+                        lambda x, *a: local_stats.append(x.shape) or real(x, *a))
+    fields = dict(axis=axis, momentum=0.8, epsilon=1e-3)
+    x = _data((DEVICES, *shape), 0)
+    weights = _data((DEVICES, *shape), 99)
+    variables = nn.BatchNorm(**fields).init(jax.random.key(0), x[0], use_running_average=False)
+    variables = jax.tree_util.tree_map(lambda v: v + 0.25, variables)
+    theirs = _per_device_step(nn.BatchNorm(use_fast_variance=False, axis_name="batch",
+                                           **fields), variables, weights)
+    ours = _per_device_step(fastbn.flax.BatchNorm(axis_name="batch", **fields), variables,
+                            weights)
+    (dp_t, dx_t), (y_t, stats_t) = theirs(variables["params"], x, weights)
+    (dp_o, dx_o), (y_o, stats_o) = ours(variables["params"], x, weights)
+    assert local_stats == [shape] * DEVICES  # each device's statistics from fastbn's kernel
+    for what, got, want in [("y", y_o, y_t), ("dx", dx_o, dx_t), ("dparams", dp_o, dp_t),
+                            ("batch_stats", stats_o, stats_t)]:
+        _close(got, want, f"{name}: {what} against Flax, ")
+    for leaf in jax.tree_util.tree_leaves(stats_o):  # every device ends with the same bits
+        assert all(np.array_equal(leaf[0], leaf[d]) for d in range(DEVICES))
+
+    # the same as fastbn on the concatenated batch (the devices' losses summed)
+    whole_x = np.concatenate(list(x), axis=0)
+    whole_w = np.concatenate(list(weights), axis=0)
+    layer = fastbn.flax.BatchNorm(**fields)
+
+    def whole_loss(params, x):
+        y, updates = layer.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                 x, use_running_average=False, mutable=["batch_stats"])
+        return (jnp.sin(y) * whole_w).sum(), (y, updates["batch_stats"])
+
+    (dp_w, dx_w), (y_w, stats_w) = jax.grad(whole_loss, argnums=(0, 1), has_aux=True)(
+        variables["params"], whole_x)
+    np.testing.assert_allclose(np.concatenate(list(y_o)), y_w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate(list(dx_o)), dx_w, rtol=1e-5, atol=1e-5)
+    _close(jax.tree_util.tree_map(lambda g: g.sum(0), dp_o), dp_w, f"{name}: summed dparams",
+           rtol=1e-5, atol=1e-5)
+    _close(jax.tree_util.tree_map(lambda s: s[0], stats_o), stats_w, f"{name}: batch_stats",
+           rtol=1e-6, atol=1e-7)
+
+
+def test_axis_name_exact_on_large_mean_data():
+    """Mean 1e4, spread 0.1, four devices: the merged variance is float64's to float32's
+    rounding (the statistics travel as float64 bits with jax_enable_x64 off); Flax's default
+    fast variance loses it."""
+    x = (1e4 + 0.1 * np.random.default_rng(0).normal(size=(4, 8, 3, 3, 6))).astype(np.float32)
+    whole = x.astype(np.float64).reshape(-1, 6)
+    mean64, var64 = whole.mean(0), whole.var(0)
+    y64 = (x - mean64) / np.sqrt(var64 + 1e-5)
+    assert not jax.config.jax_enable_x64
+    results = {}
+    for name, module in [("fast", nn.BatchNorm(momentum=0.0, axis_name="batch")),
+                         ("fastbn", fastbn.flax.BatchNorm(momentum=0.0, axis_name="batch"))]:
+        variables = module.init(jax.random.key(0), x[0], use_running_average=False)
+
+        def apply(x, module=module, variables=variables):
+            return module.apply(variables, x, use_running_average=False,
+                                mutable=["batch_stats"])
+
+        y, updates = jax.vmap(apply, axis_name="batch")(x)
+        var = np.asarray(updates["batch_stats"]["var"], np.float64)
+        results[name] = (np.max(np.abs(var - var64) / var64), np.max(np.abs(y - y64)))
+    assert results["fastbn"][0] < 1e-6 < 1e-1 < results["fast"][0], results
+    assert results["fastbn"][1] < 1e-5 < 1.0 < results["fast"][1], results
+
+
+@pytest.mark.backends("numba")
+def test_axis_name_gradient_outside_vmap_raises_clearly():
+    module = fastbn.flax.BatchNorm(use_running_average=False, axis_name="batch")
+    x = _data((2, 4, 3), 0)
+    variables = module.init(jax.random.key(0), x[0])
+
+    def loss(x):
+        y, _ = jax.vmap(lambda xi: module.apply(variables, xi, mutable=["batch_stats"]),
+                        axis_name="batch")(x)
+        return y.sum()
+
+    with pytest.raises(NotImplementedError, match="inside the transform"):
+        jax.grad(loss)(x)
+
+
+_DEVICES_SCRIPT = r'''
+import numpy as np, jax, jax.numpy as jnp, flax.linen as nn, fastbn.flax
+from jax.sharding import NamedSharding, PartitionSpec as P
+assert jax.device_count() == 4, jax.devices()
+x = np.random.default_rng(0).normal(1.0, 2.0, (4, 6, 3, 5)).astype(np.float32)
+w = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+mesh = jax.make_mesh((4,), ("batch",))
+sharded = NamedSharding(mesh, P("batch"))
+
+def run(cls, how, **fields):
+    module = cls(use_running_average=False, axis_name="batch", momentum=0.5, **fields)
+    v = module.init(jax.random.key(0), x[0])
+    def f(p, xi, wi):
+        y, upd = module.apply({"params": p, "batch_stats": v["batch_stats"]}, xi,
+                              mutable=["batch_stats"])
+        return (jnp.sin(y) * wi).sum(), (y, upd)
+    grad = jax.grad(f, argnums=(0, 1), has_aux=True)
+    if how == "pmap":
+        return jax.pmap(grad, in_axes=(None, 0, 0), axis_name="batch")(v["params"], x, w)
+    if how == "grad of pmap":
+        def total(p, x):
+            losses, aux = jax.pmap(f, in_axes=(None, 0, 0), axis_name="batch")(p, x, w)
+            return losses.sum(), aux
+        return jax.grad(total, argnums=(0, 1), has_aux=True)(v["params"], x)
+    def body(p, xs, ws):  # shard_map: a replicated p, whose gradient JAX sums
+        out = grad(p, xs[0], ws[0])
+        return jax.tree_util.tree_map(lambda a: a[None], out)
+    step = jax.shard_map(body, mesh=mesh, in_specs=(P(), P("batch"), P("batch")),
+                         out_specs=P("batch"))
+    return jax.jit(step)(v["params"], jax.device_put(x, sharded), jax.device_put(w, sharded))
+
+for how, fields in [("pmap", {}), ("grad of pmap", {}), ("shard_map", {}),
+                    ("pmap", {"axis_index_groups": [[0, 2], [1, 3]]})]:
+    want = run(nn.BatchNorm, how, use_fast_variance=False, **fields)
+    got = run(fastbn.flax.BatchNorm, how, **fields)
+    paths = jax.tree_util.tree_leaves_with_path(want)
+    for (path, a), b in zip(paths, jax.tree_util.tree_leaves(got)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4,
+                                   err_msg=f"{how} {fields}: {jax.tree_util.keystr(path)}")
+    stats = np.asarray(got[1][1]["batch_stats"]["var"])
+    groups = fields.get("axis_index_groups", [[0, 1, 2, 3]])
+    for group in groups:
+        assert all(np.array_equal(stats[group[0]], stats[d]) for d in group), how
+    print("ok", how, fields)
+'''
+
+
+@pytest.mark.backends("numba")  # JAX's device machinery; the kernels are tested above
+def test_axis_name_on_four_host_devices_pmap_and_shard_map_match_flax():
+    """pmap (its gradient taken inside and outside), shard_map and axis_index_groups on four
+    CPU devices, in a subprocess (the device count is fixed when JAX starts)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT], env=env, timeout=240,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("ok ") == 4, done.stdout

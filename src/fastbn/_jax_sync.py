@@ -220,7 +220,15 @@ def _backward_vjp(cfg, residuals, cotangents):
     C = x.shape[cfg.axis]
     local_sums, dx_of = _hosts(cfg)[2:]
     local = _call(local_sums, _words(1 + 3 * C), dy, x, mean_words, invstd, gamma, beta)
-    gathered = _gather(cfg, local)
+    try:
+        gathered = _gather(cfg, local)
+    except NameError as exc:  # JAX traces a custom_vjp's backward outside an enclosing vmap
+        raise NotImplementedError(
+            f"the gradient of a batch norm over axis_name={cfg.axis_name!r} must be taken "
+            f"inside the transform that names the axis: jax.vmap(jax.grad(f), axis_name=...) "
+            f"rather than jax.grad of a function that calls jax.vmap(..., axis_name=...) "
+            f"(JAX runs a custom gradient's collectives only where the axis is bound; "
+            f"pmap and shard_map work either way)") from exc
     stat = jax.ShapeDtypeStruct((C,), invstd.dtype)
     dx, dgamma, dbeta = _call(dx_of, (jax.ShapeDtypeStruct(x.shape, x.dtype), stat, stat),
                               dy, x, mean_words, invstd, local, gathered, gamma, beta)

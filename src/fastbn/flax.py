@@ -123,8 +123,6 @@ class BatchNorm(nn.Module):
         if mask is not None:
             raise NotImplementedError("fastbn.flax.BatchNorm does not support mask; use "
                                       "flax.linen.BatchNorm for this layer")
-        if self.axis_index_groups is not None and self.axis_name is None:
-            raise ValueError("axis_index_groups needs axis_name")
         stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
         ra_mean = self.variable("batch_stats", "mean",
                                 lambda s: jnp.zeros(s, stats_dtype), feature_shape)
