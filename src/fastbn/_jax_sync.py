@@ -15,8 +15,8 @@ in the same order, so every device gets the same statistics, bit for bit.
 
 The numbers travel as the bits of float64 values, in pairs of uint32 words: a gather moves
 them unchanged, so the merge is as exact as in :mod:`fastbn.distributed` whether or not
-``jax_enable_x64`` is set (a float32 gather would round each mean to 24 bits, which is 1e-3
-of the spread for data of mean 1e4 and spread 0.1). The callbacks are ``jax.pure_callback``
+``jax_enable_x64`` is set (a float32 gather would round each mean to 24 bits: up to 5e-4 for
+a mean of 1e4, which is 5e-3 of a spread of 0.1). The callbacks are ``jax.pure_callback``
 (the output is copied once into XLA's buffer); under ``vmap`` they run once per element.
 """
 import functools
