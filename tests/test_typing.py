@@ -7,6 +7,7 @@ too loose (a misspelled backend accepted) or too strict (a plain use rejected) f
 """
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,10 +94,14 @@ def test_public_api_annotations_hold_for_mypy(tmp_path):
     assert (package / "py.typed").is_file(), "the PEP 561 marker must ship with the package"
     usage = tmp_path / "usage.py"
     usage.write_text(SNIPPET)
-    env = None
-    if package.parent.name not in ("site-packages", "dist-packages"):  # a source tree
-        env = dict(os.environ, MYPYPATH=str(package.parent))
-    files = [str(package / name) for name in PUBLIC_MODULES] + [str(usage)]
+    # mypy is given a copy of the package's Python files: given files inside site-packages,
+    # it would take site-packages for a source folder, and other packages' modules there
+    # for the user's own (an error: "This file shadows library module ...").
+    src = tmp_path / "src"
+    shutil.copytree(package, src / "fastbn",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.pyd", "*.c"))
+    env = dict(os.environ, MYPYPATH=str(src))
+    files = [str(src / "fastbn" / name) for name in PUBLIC_MODULES] + [str(usage)]
     proc = subprocess.run([sys.executable, "-m", "mypy", "--cache-dir", str(tmp_path / "cache"),
                            *FLAGS, *files], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=300)
