@@ -1083,14 +1083,12 @@ cdef void _stats_outer(const floating *x, Strided xv, double *sums, Py_ssize_t n
             _stats_group(x, xv, sums, _row0(g, C, ngroups), _row0(g + 1, C, ngroups))
 
 
-cdef int _stats_inner(const floating *x, Strided xv, double *out, Py_ssize_t C,
-                      Py_ssize_t nchunks, Py_ssize_t B, int threads) noexcept nogil:
+cdef void _shifted_stats_inner(const floating *x, Strided xv, double *out, Py_ssize_t C,
+                               Py_ssize_t nchunks, Py_ssize_t B, int threads, double *shift,
+                               double *partial, double *sums) noexcept nogil:
+    """Per feature, into out (3, C): the shift, sum(x - shift) and sum((x - shift)**2), in the
+    caller's scratch (_inner_scratch with 2 sums)."""
     cdef Py_ssize_t L = xv.n1, c
-    cdef double *shift
-    cdef double *partial
-    cdef double *sums
-    if _inner_scratch(2, nchunks, L, C, &shift, &partial, &sums) != 0:
-        return -1
     _column_shifts(x, xv.s1, L, C, B, shift)
     _accumulate(x, xv, shift, partial, nchunks, threads)
     _fold_columns(partial, 2, nchunks, L, C, B, sums)
@@ -1098,6 +1096,16 @@ cdef int _stats_inner(const floating *x, Strided xv, double *out, Py_ssize_t C,
         out[c] = shift[c * B]
         out[C + c] = sums[c]
         out[2 * C + c] = sums[C + c]
+
+
+cdef int _stats_inner(const floating *x, Strided xv, double *out, Py_ssize_t C,
+                      Py_ssize_t nchunks, Py_ssize_t B, int threads) noexcept nogil:
+    cdef double *shift
+    cdef double *partial
+    cdef double *sums
+    if _inner_scratch(2, nchunks, xv.n1, C, &shift, &partial, &sums) != 0:
+        return -1
+    _shifted_stats_inner(x, xv, out, C, nchunks, B, threads, shift, partial, sums)
     _free_inner_scratch(shift, partial, sums)
     return 0
 
@@ -1196,12 +1204,8 @@ cdef int _relu_reduce_inner(Strided gv, Strided xv, const floating *fcoef, doubl
     cdef double *sums
     if _inner_scratch(2, nchunks, L, C, &shift, &partial, &sums) != 0:
         return -1
-    _column_shifts(x, xv.s1, L, C, B, shift)
-    _accumulate(x, xv, shift, partial, nchunks, threads)
-    _fold_columns(partial, 2, nchunks, L, C, B, sums)
-    for c in range(C):
-        out[c] = shift[c * B]
-        out[C + c] = sums[c]
+    # shift and sum(x - shift) as _stats_inner; the rows 2 and 3 of out are the ReLU's sums
+    _shifted_stats_inner(x, xv, out, C, nchunks, B, threads, shift, partial, sums)
     for c in range(2 * nchunks * L):
         partial[c] = 0.0
     _relu_rows_all(gv, xv, xv, shift, partial, fcoef, fcoef, nchunks, True, True, threads)
