@@ -508,6 +508,20 @@ def normalize_inner(x, y, coef, nchunks, relu):
         _normalize_rows(x, y, t * A // nchunks, (t + 1) * A // nchunks, coef, relu)
 
 
+@_helper(set())  # no fast-math: the sums over samples keep their order (same bits)
+def _group_backward_sums(dy, x, c0, c1):
+    """(3, c1 - c0): sum(x - shift), sum(dy), sum(dy * (x - shift)) of features c0..c1 of
+    (A, C, B) views, shift being each feature's first value, sample by sample (memory order)."""
+    sums = np.zeros((3, c1 - c0))
+    for a in range(x.shape[0]):
+        for c in range(c0, c1):
+            r0, r1, r2 = _backward_sums(dy, x, a, c, x[0, c, 0] + 0.0)
+            sums[0, c - c0] += r0
+            sums[1, c - c0] += r1
+            sums[2, c - c0] += r2
+    return sums
+
+
 @kernel
 def backward_outer(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, training, grads, coef,
                    ngroups):
@@ -518,13 +532,7 @@ def backward_outer(dy, x, dx, mean_in, mean_ulp, invstd_in, weight, training, gr
     for g in prange(ngroups):
         c0 = g * C // ngroups
         c1 = (g + 1) * C // ngroups
-        sums = np.zeros((3, c1 - c0))
-        for a in range(A):
-            for c in range(c0, c1):
-                r0, r1, r2 = _backward_sums(dy, x, a, c, x[0, c, 0] + 0.0)
-                sums[0, c - c0] += r0
-                sums[1, c - c0] += r1
-                sums[2, c - c0] += r2
+        sums = _group_backward_sums(dy, x, c0, c1)
         for c in range(c0, c1):
             i = c - c0
             shift = x[0, c, 0] + 0.0
@@ -756,13 +764,7 @@ def backward_reduce_outer(dy, x, sums, ngroups):
     for g in prange(ngroups):
         c0 = g * C // ngroups
         c1 = (g + 1) * C // ngroups
-        acc = np.zeros((3, c1 - c0))
-        for a in range(A):
-            for c in range(c0, c1):
-                r0, r1, r2 = _backward_sums(dy, x, a, c, x[0, c, 0] + 0.0)
-                acc[0, c - c0] += r0
-                acc[1, c - c0] += r1
-                acc[2, c - c0] += r2
+        acc = _group_backward_sums(dy, x, c0, c1)
         for c in range(c0, c1):
             sums[0, c] = x[0, c, 0]
             sums[1, c] = acc[0, c - c0]
