@@ -253,9 +253,7 @@ class SyncBatchNorm(BatchNorm):
         dx, dgamma, dbeta = _sync.backward(self.comm, dy, x, mean, invstd, self.weight,
                                            self.bias, self.axis, self.activation, None, None,
                                            features=self.num_features)
-        if self.affine:
-            self.grad_gamma = dgamma.astype(self.dtype)
-            self.grad_beta = dbeta.astype(self.dtype)
+        self._keep_grads(dgamma, dbeta)
         return dx
 
     __call__ = forward

@@ -220,10 +220,14 @@ class BatchNorm:
         dx, dgamma, dbeta = api.backward(dy, x, mean, invstd, self.weight, self.bias,
                                          axis=self.axis, training=batch_stats,
                                          activation=self.activation)
+        self._keep_grads(dgamma, dbeta)
+        return dx
+
+    def _keep_grads(self, dgamma: XArray, dbeta: XArray) -> None:
+        """Store a backward's parameter gradients, in the parameters' dtype."""
         if self.affine:
             self.grad_gamma = dgamma.astype(self.dtype)
             self.grad_beta = dbeta.astype(self.dtype)
-        return dx
 
     __call__ = forward
 
