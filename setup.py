@@ -113,7 +113,7 @@ def extensions():
         "fastbn._cy_kernels",
         ["src/fastbn/_cy_kernels.pyx"],
         include_dirs=[numpy.get_include(), "src/fastbn"],
-        depends=["src/fastbn/_cy_runs.h", "src/fastbn/_cy_runs_t.h"],
+        depends=["src/fastbn/_cy_runs.h", "src/fastbn/_cy_runs_t.h", "src/fastbn/_cy_call.pxi"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
     OUTCOME.update(cython="not built", reason="the extension build did not run")

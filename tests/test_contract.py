@@ -28,7 +28,17 @@ def spy_launches(monkeypatch):
 
     for module in (_drivers, _half):  # every module that launches kernels
         monkeypatch.setattr(module, "_launch", spy)
+    python_path_only(monkeypatch)
     return seen
+
+
+def python_path_only(monkeypatch):
+    """Route every call through the Python path: the compiled call path (_cy_call.pxi)
+    launches its kernels in C, out of sight of the spies on Python-level launches."""
+    from fastbn import _backends, api
+
+    monkeypatch.setattr(api, "_fast_forward", _backends._no_call_path)
+    monkeypatch.setattr(api, "_fast_backward", _backends._no_call_path)
 
 
 @pytest.mark.parametrize("shape,axis", ILL_CASES, ids=[str(c) for c in ILL_CASES])

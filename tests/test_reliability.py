@@ -190,7 +190,7 @@ def test_cython_runs_one_openmp_team_at_a_time(monkeypatch, parallel_kernels):
     team runs, other callers run their kernel on their own thread, same bits."""
     import functools
 
-    from fastbn import _cy_kernels
+    from fastbn import _backends, _cy_kernels
 
     active = []
     overlaps = []
@@ -214,6 +214,9 @@ def test_cython_runs_one_openmp_team_at_a_time(monkeypatch, parallel_kernels):
     for name in ("forward_train_outer", "forward_train_inner", "backward_outer",
                  "backward_inner"):
         monkeypatch.setattr(_cy_kernels, name, spied(getattr(_cy_kernels, name)))
+    # the spies see the Python path's launches; test_fast_path.py checks the compiled one's
+    monkeypatch.setattr(fastbn.api, "_fast_forward", _backends._no_call_path)
+    monkeypatch.setattr(fastbn.api, "_fast_backward", _backends._no_call_path)
     expected = [compute(*CASES[i % 4], seed=i) for i in range(8)]
     results = [None] * 8
 

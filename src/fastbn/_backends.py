@@ -69,6 +69,22 @@ def _import_cython():
     return _cython_kernels or None
 
 
+def _no_call_path(*args):
+    return None
+
+
+def call_path():
+    """(forward, backward) of the compiled call path of the Cython extension
+    (``fast_forward`` and ``fast_backward`` in ``_cy_call.pxi``), or two functions that return
+    None where it was not built: each takes the public function's arguments, all of them, and
+    returns its result for a common call, or None, and then the Python path runs."""
+    kernels = _import_cython()
+    available_backends()  # listed once, so that the call path knows the default
+    if kernels is None:
+        return _no_call_path, _no_call_path
+    return kernels.fast_forward, kernels.fast_backward
+
+
 def last_level_cache_bytes(default=32 * 2**20):
     """The largest cache of CPU 0 (Linux sysfs; ``default`` elsewhere). The Cython
     feature-inner kernels write outputs of at least 3/4 of it with non-temporal stores, glibc's

@@ -1890,3 +1890,8 @@ def float32_to_float16(int threads, cnp.ndarray src, cnp.ndarray dst):
 def float32_to_bfloat16(int threads, cnp.ndarray src, cnp.ndarray dst):
     """dst[i] = bfloat16 bits of src[i], rounded to nearest even, NaN kept quiet."""
     _convert_arrays(threads, src, dst, False, True)
+
+
+# --- the compiled call path (fast_forward, fast_backward): see _cy_call.pxi ----------------
+
+include "_cy_call.pxi"

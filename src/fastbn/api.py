@@ -3,8 +3,12 @@
 Checks live in :mod:`fastbn._validate`; :mod:`fastbn._dispatch` routes a call to a backend
 (its docstring shows how the modules stack); loops live in :mod:`fastbn._numba_kernels` (and ``fastbn/_cy_kernels.pyx``, the optional compiled
 twin), the NumPy twin in :mod:`fastbn.reference`.
+
+A call first goes to the compiled call path (``_cy_call.pxi`` in the Cython extension), which
+serves the common case in C and returns None for anything else, every invalid argument
+included: the Python path below then runs and raises the documented errors.
 """
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -12,6 +16,23 @@ from numpy.typing import ArrayLike, NDArray
 from . import _backends, _dispatch
 from ._common import ActivationName, BackendName, BackwardResult, ForwardResult
 from ._validate import backward_args, forward_args
+
+
+def _first_forward(*args: Any) -> ForwardResult | None:
+    global _fast_forward, _fast_backward
+    _fast_forward, _fast_backward = _backends.call_path()
+    return _fast_forward(*args)
+
+
+def _first_backward(*args: Any) -> BackwardResult | None:
+    global _fast_forward, _fast_backward
+    _fast_forward, _fast_backward = _backends.call_path()
+    return _fast_backward(*args)
+
+
+#: The compiled call path, loaded on the first call (see the module's docstring).
+_fast_forward: Callable[..., ForwardResult | None] = _first_forward
+_fast_backward: Callable[..., BackwardResult | None] = _first_backward
 
 
 def available_backends() -> tuple[str, ...]:
@@ -124,9 +145,13 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
     >>> bool(abs(y.mean()) < 1e-5), y.dtype, mean.shape
     (True, dtype('float32'), (4,))
     """
-    args = forward_args(x, gamma, beta, axis, training, running_mean, running_var, momentum,
-                        eps, activation, out, backend, unbiased_running_var)
-    return _dispatch.forward(args)
+    result = _fast_forward(x, gamma, beta, axis, training, running_mean, running_var, momentum,
+                           eps, activation, out, backend, unbiased_running_var)
+    if result is None:
+        result = _dispatch.forward(forward_args(x, gamma, beta, axis, training, running_mean,
+                                                running_var, momentum, eps, activation, out,
+                                                backend, unbiased_running_var))
+    return result
 
 
 def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
@@ -189,9 +214,12 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
     >>> bool(np.abs(dx).max() < 1e-5), dbeta.tolist()
     (True, [16.0, 16.0, 16.0])
     """
-    args = backward_args(dy, x, mean, invstd, gamma, beta, axis, training, activation, out,
-                         backend)
-    return _dispatch.backward(args)
+    result = _fast_backward(dy, x, mean, invstd, gamma, beta, axis, training, activation, out,
+                            backend)
+    if result is None:
+        result = _dispatch.backward(backward_args(dy, x, mean, invstd, gamma, beta, axis,
+                                                  training, activation, out, backend))
+    return result
 
 
 def set_num_threads(n: int) -> None:
