@@ -732,6 +732,11 @@ def main(argv=None):
                         help="skip the ResNet-block training step (PyTorch)")
     parser.add_argument("--cold-start", action="store_true",
                         help="also time import, first call (cold and warm cache), precompile")
+    parser.add_argument("--small-calls", action="store_true",
+                        help="instead of the table: only the small-call tables (per-call "
+                        "overhead, NC 32x512 and 256x2048, layers; see fastbn.bench_small)")
+    parser.add_argument("--no-small-calls", action="store_true",
+                        help="skip the small-call tables")
     parser.add_argument("--crossover", action="store_true",
                         help="instead of the table: time each kernel on one thread and on the "
                         "team over sizes from 16 KiB to 4 MiB, and print where the team wins")
@@ -777,16 +782,32 @@ def main(argv=None):
     threads = sorted({1, all_threads}) if not opts.threads else \
         [int(t) for t in opts.threads.split(",")]
     samples = opts.samples or (5 if opts.quick else 15)
+    small = None
+    if not opts.no_small_calls:
+        from .bench_small import format_small_calls, small_calls
+
+        small = small_calls(threads, samples, with_torch=not opts.no_torch, log=log)
+    env = environment()
+    if opts.small_calls:
+        print(f"\nfastbn small calls ({env['cpus']} CPUs, torch {env.get('torch', 'absent')}); "
+              f"medians of {samples} interleaved rounds, microseconds per call")
+        print(format_small_calls(small))
+        if opts.json:
+            with open(opts.json, "w") as fh:
+                json.dump({"environment": env, "small_calls": small}, fh, indent=1)
+        return 0
     log(f"fastbn bench: {len(cases)} case(s), threads {threads}, {samples} samples each")
     backends = opts.backends.split(",") if opts.backends else compiled_backends()
     rows = run(cases, threads, samples, with_reference=not opts.no_reference,
                with_torch=not opts.no_torch, log=log, backends=backends)
-    env = environment()
     print(f"\nfastbn benchmark ({env['cpus']} CPUs, numba {env['numba']} "
           f"[{env['threading_layer']}], torch {env.get('torch', 'absent')}, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}); medians of {samples} "
           f"interleaved rounds; ratios within this run")
     print(format_table(rows))
+    if small is not None:
+        print("\nSmall calls (microseconds per call; torch / fastbn >= 1.00x: fastbn no slower)")
+        print(format_small_calls(small))
     steps, memory = {}, {}
     if not opts.no_train_step and not opts.no_torch and _torch_available():
         size = dict(batch=8, size=28) if opts.quick else {}
@@ -811,6 +832,7 @@ def main(argv=None):
         with open(opts.json, "w") as fh:
             json.dump({"environment": env, "rows": rows, "cold_start": cold,
                        "train_step": steps, "train_step_peak_bytes": memory,
+                       "small_calls": small,
                        "ratios": [{b: ratios(r, b) for b in r["backends"]} for r in rows],
                        "contended": contention(rows)},
                       fh, indent=1)
