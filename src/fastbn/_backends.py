@@ -6,7 +6,7 @@ gets, and the launch itself.
   (:mod:`fastbn._numba_kernels`) and Cython (``fastbn._cy_kernels``, optional), expose the same
   kernels under the same names and arguments, each launched as ``kernel(threads, *args)``;
 - threads: one process-wide count (:func:`set_num_threads`), and per launch the serial twin
-  below a measured size (PARALLEL_MIN_BYTES), since small arrays do not pay for waking threads;
+  below a size (PARALLEL_MIN_BYTES, from crossovers measured on 2 cores), since small arrays do not pay for waking threads;
 - launching: one OpenMP team at a time, and serial kernels in a child forked after the parent
   used OpenMP (see :func:`_cython_launch`).
 """
@@ -25,15 +25,16 @@ BACKEND_ENV = "FASTBN_BACKEND"
 THREADS_ENV = "FASTBN_NUM_THREADS"
 
 _KiB = 1024
-#: From how many bytes of x a kernel runs on the thread team rather than on the calling thread
-#: alone, by (backend, family, op); see :func:`launch_threads`. Measured with ``python -m
-#: fastbn.bench --crossover`` on the 2-core machine (bench/README.md has the table): the
+#: From how many bytes of x a kernel ran faster on a team of two threads than on the calling
+#: thread alone, by (backend, family, op), measured with ``python -m fastbn.bench --crossover``
+#: on the 2-core machine with a 32 MiB last-level cache (bench/README.md has the table): the
 #: smallest size tried from which the team was not slower at any larger size, over NCHW
 #: (feature-outer) and NC and NHWC (feature-inner) scans; Cython's are the median of three
 #: scans of the fourth session (its serial kernels got faster, and waking the team measured 4-6
 #: us). Numba's feature-inner kernels pay 20-40 us for their team, hence a far higher
 #: crossover. Half-precision conversions use the "inner", "eval" figure (one elementwise pass).
-PARALLEL_MIN_BYTES = {
+#: :func:`parallel_min_bytes` carries them to other core counts and caches.
+CROSSOVER_2_CORES_BYTES = {
     ("cython", "outer", "forward"): 128 * _KiB,
     ("cython", "outer", "eval"): 512 * _KiB,
     ("cython", "outer", "backward"): 128 * _KiB,
@@ -47,6 +48,33 @@ PARALLEL_MIN_BYTES = {
     ("numba", "inner", "eval"): 1024 * _KiB,
     ("numba", "inner", "backward"): 512 * _KiB,
 }
+
+
+def parallel_min_bytes(cores, cache_bytes):
+    """The crossover table for a machine of ``cores`` CPUs and a last-level cache of
+    ``cache_bytes``: CROSSOVER_2_CORES_BYTES carried over by two rules, each of which leaves the
+    2-core, 32 MiB figures as they were measured.
+
+    - Cores: a team of p threads saves (1 - 1/p) of the serial time t(n) = n / r and costs a
+      fixed t_team to wake and join, so it wins from n* = t_team * r * p / (p - 1); relative to
+      the measured p = 2, n*(p) = n*(2) * p / (2 (p - 1)): the same at 2, 0.57x at 8, half at
+      many cores. This keeps t_team fixed; on large machines waking more threads costs more,
+      which the scan there should check (bench/README.md, "Serial or parallel").
+    - Cache: once x and its output (forward, eval), or x, dy and dx (backward), exceed one
+      core's share of the last-level cache (cache_bytes / cores), one thread streams them from
+      memory at one core's bandwidth, which a team multiplies: the team wins from there
+      whatever the count above says. On the 2-core machine that cap is 8 MiB (5.3 MiB for
+      backward), above every measured crossover, so it changes nothing there.
+    """
+    cores = max(2, int(cores))
+    table = {}
+    for (backend, family, op), measured in CROSSOVER_2_CORES_BYTES.items():
+        by_cores = measured * cores // (2 * (cores - 1))
+        arrays = 3 if op == "backward" else 2
+        table[backend, family, op] = max(1, min(by_cores, cache_bytes // (arrays * cores)))
+    return table
+
+
 #: None: by size, as above. True or False: every kernel on the team, or on the calling thread
 #: (see :func:`forced_parallel`).
 _forced = None
@@ -190,6 +218,13 @@ def thread_limit():
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+#: From how many bytes of x a kernel runs on the thread team rather than on the calling thread
+#: alone, by (backend, family, op); see :func:`launch_threads`. The measured 2-core crossovers
+#: carried to this machine's CPUs and last-level cache (:func:`parallel_min_bytes`): on the
+#: 2-core machine they are the measured figures themselves.
+PARALLEL_MIN_BYTES = parallel_min_bytes(thread_limit(), last_level_cache_bytes())
 
 
 def _check_threads(n, name):
