@@ -165,6 +165,29 @@ def test_backward_mean_at_the_edges(dtype):
     assert served() - before == 4
 
 
+def test_biased_running_variance():
+    """unbiased_running_var=False (Flax's and Keras' convention): the running variance takes
+    the biased batch variance; True gives the Python path's bits."""
+    from fastbn import _cy_kernels
+
+    x = make_x((10, 4), np.float64, seed=3)
+    runs = {}
+    for unbiased in (True, False):
+        rm, rv = np.zeros(4), np.ones(4)
+        y = _cy_kernels.fast_forward(x, None, None, 1, True, rm, rv, 0.25, 1e-5, None, None,
+                                     None, unbiased)
+        runs[unbiased] = (y, rm, rv)
+    rm, rv = np.zeros(4), np.ones(4)
+    want = python_forward(x, running_mean=rm, running_var=rv, momentum=0.25)
+    assert_same(runs[True][0], want, "forward")
+    assert_same(runs[True][1:], (rm, rv), "unbiased running statistics")
+    var = x.var(axis=0)
+    np.testing.assert_allclose(runs[False][2], 0.75 + 0.25 * var, rtol=1e-13)
+    np.testing.assert_allclose(runs[True][2], 0.75 + 0.25 * var * 10 / 9, rtol=1e-13)
+    assert _cy_kernels.fast_forward(x, None, None, 1, True, None, None, 0.25, 1e-5, None, None,
+                                    None, 1) is None  # not a bool: the Python path says so
+
+
 class _Sub(np.ndarray):
     pass
 

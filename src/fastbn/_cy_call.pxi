@@ -16,7 +16,8 @@
 # fastbn._plans on a cache miss: views, row blocks, output memory order), the same kernels with
 # the same arguments, the same thread count (fastbn._backends: PARALLEL_MIN_BYTES, set_num_threads,
 # forced_parallel), the same launch rules (one OpenMP team at a time, serial in a forked child)
-# and the running statistics updated by the same C loop, after the kernel and only once it ran.
+# and the running statistics updated by the same operations, after the kernel and only once it
+# ran.
 
 from cpython.long cimport PyLong_AsLongAndOverflow
 from cpython.object cimport PyObject, PyTypeObject
@@ -406,15 +407,31 @@ cdef inline bint _fast_prologue(object axis, int ndim, int *ax):
 
 # --- forward ------------------------------------------------------------------------------------
 
+cdef void _fast_update_running(floating *rm, floating *rv, const double *stats, Py_ssize_t C,
+                               double momentum, double var_factor) noexcept nogil:
+    """The running-statistics update of the Cython kernels (_update_running, the twin of
+    fastbn._common.update_running_stats), the batch variance times ``var_factor``:
+    m / (m - 1) for the unbiased variance, 1.0 for the biased one."""
+    cdef double new_mean, new_var
+    cdef Py_ssize_t c
+    for c in range(C):
+        new_mean = (1.0 - momentum) * rm[c] + momentum * stats[c]
+        new_var = (1.0 - momentum) * rv[c] + momentum * (stats[C + c] * var_factor)
+        rm[c] = <floating> new_mean
+        rv[c] = <floating> new_var
+
+
 def fast_forward(x, gamma, beta, axis, training, running_mean, running_var, momentum, eps,
-                 activation, out, backend):
+                 activation, out, backend, unbiased_running_var=True):
     """fastbn.forward's ForwardResult for a common call, or None: then the Python path runs
-    (see the header of this section). Arguments as fastbn.forward's, all given."""
+    (see the header of this section). Arguments as fastbn.forward's, all given but
+    ``unbiased_running_var`` (True: the running variance takes the batch variance times
+    m / (m - 1); False: the batch variance itself)."""
     cdef int xt = _fast_float_type(x)
     cdef cnp.ndarray xa, ya, rm, rv
-    cdef int ax, relu, threads, run_threads, op
+    cdef int ax = 0, relu, threads, run_threads, op
     cdef bint train, fresh
-    cdef double eps_, momentum_
+    cdef double eps_ = 0.0, momentum_ = 0.0, var_factor = 1.0
     cdef Py_ssize_t C, m, size, nbytes, W, ngroups, item
     cdef FastPlan *p
     cdef FastPlan plan_copy
@@ -466,6 +483,12 @@ def fast_forward(x, gamma, beta, axis, training, running_mean, running_var, mome
                           and _fast_disjoint(rm, rv)):
             return None
     if train and m < 2:
+        return None
+    if unbiased_running_var is True:
+        var_factor = m / (m - 1.0)
+    elif unbiased_running_var is False:
+        var_factor = 1.0
+    else:
         return None
     if out is not None and (_fast_float_type(out) != xt
                             or not _fast_out_ok(<cnp.ndarray> out, xa, None)):
@@ -527,11 +550,12 @@ def fast_forward(x, gamma, beta, axis, training, running_mean, running_var, mome
         return None
     if train and rm is not None:
         if xt == cnp.NPY_FLOAT:
-            _update_running(<float *> cnp.PyArray_DATA(rm), 1, <float *> cnp.PyArray_DATA(rv),
-                            1, stats, C, momentum_, <double> m)
+            _fast_update_running(<float *> cnp.PyArray_DATA(rm), <float *> cnp.PyArray_DATA(rv),
+                                 stats, C, momentum_, var_factor)
         else:
-            _update_running(<double *> cnp.PyArray_DATA(rm), 1,
-                            <double *> cnp.PyArray_DATA(rv), 1, stats, C, momentum_, <double> m)
+            _fast_update_running(<double *> cnp.PyArray_DATA(rm),
+                                 <double *> cnp.PyArray_DATA(rv), stats, C, momentum_,
+                                 var_factor)
     try:
         mean = _fast_vector_out(stats, C, xt)
         invstd = _fast_vector_out(stats + 2 * C, C, xt)
@@ -578,7 +602,7 @@ def fast_backward(dy, x, mean, invstd, gamma, beta, axis, training, activation, 
     Arguments as fastbn.backward's, all given."""
     cdef int xt = _fast_float_type(x)
     cdef cnp.ndarray xa, ga, oa
-    cdef int ax, relu, threads, run_threads, i
+    cdef int ax = 0, relu, threads, run_threads, i
     cdef bint train, fresh
     cdef Py_ssize_t C, m, size, nbytes, W, ngroups
     cdef FastPlan *p
