@@ -1,6 +1,9 @@
 """The compiled call path (``_cy_call.pxi``): for the calls it serves, the Python path's results
 bit for bit (values, dtypes, memory order, running statistics); served for the common calls,
 stepping aside for everything else; and the same threads, team lock and fork rule."""
+import multiprocessing
+import os
+
 import numpy as np
 import pytest
 
@@ -312,6 +315,39 @@ def test_team_lock_and_forked_child(monkeypatch):
         assert lock.taken == taken and not lock.held, (free, forked)
         assert_same(got, want, f"forward {free=} {forked=}")
         assert_same(got_b, want_b, f"backward {free=} {forked=}")
+
+
+def _forked(queue, x):
+    try:
+        before = served()
+        y = fastbn.forward(x)
+        queue.put((bits(y.y).tobytes(), served() - before))
+    except BaseException as exc:
+        queue.put((repr(exc), None))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_child_forked_after_a_parallel_call(monkeypatch):
+    """A child forked after the parent's call path ran a thread team runs its calls on its
+    own thread (GNU OpenMP's pool does not survive fork), served, same bits, no hang."""
+    monkeypatch.setattr(_backends, "_forced", True)
+    monkeypatch.setattr(_backends, "_num_threads", min(2, _backends.thread_limit()))
+    x = make_x((64, 8, 16, 16), np.float32, seed=1)
+    before = served()
+    want = fastbn.forward(x)
+    assert served() == before + 1
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_forked, args=(queue, x))
+    proc.start()
+    try:
+        got, child_served = queue.get(timeout=60)
+    finally:
+        proc.join(timeout=10)
+        if proc.is_alive():
+            proc.kill()
+    assert child_served == 1, got
+    assert got == bits(want.y).tobytes()
 
 
 def test_one_thread_stays_serial(monkeypatch):

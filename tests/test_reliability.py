@@ -92,7 +92,7 @@ def _spy_parallel_runs(backend, monkeypatch):
 
         monkeypatch.setattr(kern, "parallel", parallel)
     else:
-        from fastbn import _cy_kernels
+        from fastbn import _backends, _cy_kernels
 
         real = _cy_kernels.forward_train_outer
 
@@ -102,6 +102,10 @@ def _spy_parallel_runs(backend, monkeypatch):
             return real(threads, *args)
 
         monkeypatch.setattr(_cy_kernels, "forward_train_outer", spy)
+        # the spy sees the Python path's launches; test_fast_path.py forks after the
+        # compiled call path's
+        monkeypatch.setattr(fastbn.api, "_fast_forward", _backends._no_call_path)
+        monkeypatch.setattr(fastbn.api, "_fast_backward", _backends._no_call_path)
     return runs
 
 

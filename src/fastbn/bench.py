@@ -783,7 +783,7 @@ def main(argv=None):
         [int(t) for t in opts.threads.split(",")]
     samples = opts.samples or (5 if opts.quick else 15)
     small = None
-    if not opts.no_small_calls:
+    if opts.small_calls or not opts.no_small_calls:
         from .bench_small import format_small_calls, small_calls
 
         small = small_calls(threads, samples, with_torch=not opts.no_torch, log=log)
