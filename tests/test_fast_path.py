@@ -26,9 +26,10 @@ def served():
 
 def python_forward(x, gamma=None, beta=None, *, axis=1, training=True, running_mean=None,
                    running_var=None, momentum=0.1, eps=1e-5, activation=None, out=None,
-                   backend=None):
+                   backend=None, unbiased_running_var=True):
     return _dispatch.forward(forward_args(x, gamma, beta, axis, training, running_mean,
-                                          running_var, momentum, eps, activation, out, backend))
+                                          running_var, momentum, eps, activation, out, backend,
+                                          unbiased_running_var))
 
 
 def python_backward(dy, x, mean, invstd, gamma=None, beta=None, *, axis=1, training=True,
@@ -168,27 +169,25 @@ def test_backward_mean_at_the_edges(dtype):
     assert served() - before == 4
 
 
-def test_biased_running_variance():
-    """unbiased_running_var=False (Flax's and Keras' convention): the running variance takes
-    the biased batch variance; True gives the Python path's bits."""
-    from fastbn import _cy_kernels
-
-    x = make_x((10, 4), np.float64, seed=3)
-    runs = {}
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_biased_running_variance(dtype):
+    """unbiased_running_var=False (Flax's and Keras' convention) and True: the Python path's
+    bits, served."""
+    x = make_x((10, 4), dtype, seed=3)
+    before = served()
     for unbiased in (True, False):
-        rm, rv = np.zeros(4), np.ones(4)
-        y = _cy_kernels.fast_forward(x, None, None, 1, True, rm, rv, 0.25, 1e-5, None, None,
-                                     None, unbiased)
-        runs[unbiased] = (y, rm, rv)
-    rm, rv = np.zeros(4), np.ones(4)
-    want = python_forward(x, running_mean=rm, running_var=rv, momentum=0.25)
-    assert_same(runs[True][0], want, "forward")
-    assert_same(runs[True][1:], (rm, rv), "unbiased running statistics")
-    var = x.var(axis=0)
-    np.testing.assert_allclose(runs[False][2], 0.75 + 0.25 * var, rtol=1e-13)
-    np.testing.assert_allclose(runs[True][2], 0.75 + 0.25 * var * 10 / 9, rtol=1e-13)
-    assert _cy_kernels.fast_forward(x, None, None, 1, True, None, None, 0.25, 1e-5, None, None,
-                                    None, 1) is None  # not a bool: the Python path says so
+        stats = []
+        results = []
+        for run in (fastbn.forward, python_forward):
+            rm, rv = np.zeros(4, dtype), np.ones(4, dtype)
+            results.append(run(x, running_mean=rm, running_var=rv, momentum=0.25,
+                               unbiased_running_var=unbiased))
+            stats.append((rm, rv))
+        assert_same(results[0], results[1], f"forward {unbiased=}")
+        assert_same(stats[0], stats[1], f"running statistics {unbiased=}")
+    assert served() - before == 2
+    var = x.astype(np.float64).var(axis=0)
+    np.testing.assert_allclose(stats[0][1], 0.75 + 0.25 * var, rtol=1e-6)
 
 
 class _Sub(np.ndarray):
@@ -208,6 +207,8 @@ def _unusual_forward_calls():
         ("int eps", x, {"eps": 1}),
         ("numpy float momentum", x, {"momentum": np.float64(0.2)}),
         ("numpy int axis", x, {"axis": np.int64(1)}),
+        ("numpy bool unbiased_running_var", x,
+         {"running_mean": rm, "running_var": rv, "unbiased_running_var": np.False_}),
         ("float16 gamma", x, {"gamma": np.ones(C, np.float16)}),
         ("strided gamma", x, {"gamma": np.ones(2 * C, np.float32)[::2]}),
         ("list beta", x, {"beta": [0.0] * C}),
