@@ -327,6 +327,8 @@ def _forked(queue, x):
         queue.put((repr(exc), None))
 
 
+# JAX, once imported (by its tests' collection), warns at every fork; this child never uses it
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_child_forked_after_a_parallel_call(monkeypatch):
     """A child forked after the parent's call path ran a thread team runs its calls on its
