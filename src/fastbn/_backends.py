@@ -30,8 +30,7 @@ _KiB = 1024
 #: on the 2-core machine with a 32 MiB last-level cache (bench/README.md has the table): the
 #: smallest size tried from which the team was not slower at any larger size, over NCHW
 #: (feature-outer) and NC and NHWC (feature-inner) scans; Cython's are the median of three
-#: scans of the fourth session (its serial kernels got faster, and waking the team measured 4-6
-#: us). Numba's feature-inner kernels pay 20-40 us for their team, hence a far higher
+#: scans made after its serial kernels got faster (waking the team measured 4-6 us). Numba's feature-inner kernels pay 20-40 us for their team, hence a far higher
 #: crossover. Half-precision conversions use the "inner", "eval" figure (one elementwise pass).
 #: :func:`parallel_min_bytes` carries them to other core counts and caches.
 CROSSOVER_2_CORES_BYTES = {
