@@ -556,8 +556,10 @@ def environment():
             "cpus": os.cpu_count(), "threading_layer": None}
     try:
         info["threading_layer"] = numba.threading_layer()
-    except ValueError:
-        pass
+    except ValueError:  # no parallel Numba kernel ran yet: the layer fastbn asked Numba for
+        from fastbn import _numba_kernels, _numba_layer  # noqa: F401  (the import chooses)
+
+        info["threading_layer"] = _numba_layer.choice.layer
     if _torch_available():
         import torch
 
