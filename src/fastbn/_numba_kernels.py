@@ -443,6 +443,19 @@ def _feature_sums(x, c, shift):
     return s1, s2
 
 
+@_helper(set())  # no fast-math: the sums over samples keep their order (same bits)
+def _group_sums(x, c0, c1):
+    """(2, c1 - c0): sum(x - shift) and sum((x - shift)**2) of features c0..c1 of an (A, C, B)
+    view, shift being each feature's first value, sample by sample (memory order)."""
+    sums = np.zeros((2, c1 - c0))
+    for a in range(x.shape[0]):
+        for c in range(c0, c1):
+            r1, r2 = _shifted_sums(x, a, c, x[0, c, 0] + 0.0)
+            sums[0, c - c0] += r1
+            sums[1, c - c0] += r2
+    return sums
+
+
 @kernel
 def forward_train_outer(x, y, weight, bias, eps, stats, coef, relu, ngroups):
     """Training forward on a (A, C, B) view. Threads take ``ngroups`` groups of adjacent
@@ -456,12 +469,7 @@ def forward_train_outer(x, y, weight, bias, eps, stats, coef, relu, ngroups):
     for g in prange(ngroups):
         c0 = g * C // ngroups
         c1 = (g + 1) * C // ngroups
-        sums = np.zeros((2, c1 - c0))
-        for a in range(A):
-            for c in range(c0, c1):
-                r1, r2 = _shifted_sums(x, a, c, x[0, c, 0] + 0.0)
-                sums[0, c - c0] += r1
-                sums[1, c - c0] += r2
+        sums = _group_sums(x, c0, c1)
         for c in range(c0, c1):
             mean, var, invstd = _stats(sums[0, c - c0], sums[1, c - c0], x[0, c, 0] + 0.0, m,
                                        eps)
@@ -729,12 +737,7 @@ def stats_outer(x, sums, ngroups):
     for g in prange(ngroups):
         c0 = g * C // ngroups
         c1 = (g + 1) * C // ngroups
-        acc = np.zeros((2, c1 - c0))
-        for a in range(A):
-            for c in range(c0, c1):
-                r1, r2 = _shifted_sums(x, a, c, x[0, c, 0] + 0.0)
-                acc[0, c - c0] += r1
-                acc[1, c - c0] += r2
+        acc = _group_sums(x, c0, c1)
         for c in range(c0, c1):
             sums[0, c] = x[0, c, 0]
             sums[1, c] = acc[0, c - c0]
