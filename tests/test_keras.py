@@ -31,3 +31,18 @@ def test_matches_keras_on_backend(keras_backend, framework):
     done = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", str(SCRIPT)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.mark.backends("numba")
+def test_missing_backend_framework_is_named():
+    """Keras installed but its backend's framework missing (TensorFlow, Keras' default): the
+    error says which backend failed and how to pick another, not that Keras is missing."""
+    code = ("import sys; sys.modules['tensorflow'] = None\n"
+            "try:\n    import fastbn.keras\nexcept ImportError as e:\n    print(e)")
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    here = str(pathlib.Path(fastbn.__file__).parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
+    out = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "-c", code],
+                         env=env, capture_output=True, text=True, timeout=300).stdout
+    assert "Keras could not start its backend (KERAS_BACKEND=tensorflow)" in out, out
+    assert "KERAS_BACKEND to 'jax' or 'torch'" in out, out

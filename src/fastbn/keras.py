@@ -26,9 +26,18 @@ try:
     import keras
     from keras import ops
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
-    raise ImportError("fastbn.keras needs Keras 3; install it with: pip install "
-                      "'fastbn[keras]' (and the backend's framework: jax, torch or "
-                      "tensorflow)") from exc
+    import importlib.util as _util
+    import os as _os
+
+    if _util.find_spec("keras") is None:
+        raise ImportError("fastbn.keras needs Keras 3; install it with: pip install "
+                          "'fastbn[keras]' (and the backend's framework: jax, torch or "
+                          "tensorflow)") from exc
+    # Keras is there, but its backend's framework is not (TensorFlow unless KERAS_BACKEND)
+    raise ImportError(f"Keras could not start its backend "
+                      f"(KERAS_BACKEND={_os.environ.get('KERAS_BACKEND', 'tensorflow')}): "
+                      f"{exc}. Install that framework, or set KERAS_BACKEND to 'jax' or "
+                      f"'torch' before importing keras") from exc
 
 import math
 
