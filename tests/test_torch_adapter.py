@@ -286,3 +286,31 @@ def test_parameters_in_another_dtype_than_the_input(param_dtype, training, monke
     torch.testing.assert_close(w.grad.double(), w64.grad, **tol)
     torch.testing.assert_close(rm.double(), rm64, **tol)
     torch.testing.assert_close(rv.double(), rv64, **tol)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None, 1.5], ids=["0.1", "cumulative", "1.5"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_running_statistics_with_and_without_autograd(momentum, grad):
+    """Without anything to differentiate (torch.no_grad, inference) fastbn.torch skips the
+    autograd node; the output and the running statistics are torch's either way, for a
+    momentum fastbn applies in place, a cumulative average and one PyTorch applies itself."""
+    x = _tensor((16, 5, 3), torch.float64, 0)
+    ours, theirs = fbt.BatchNorm1d(5, momentum=momentum).double(), \
+        torch.nn.BatchNorm1d(5, momentum=momentum).double()
+    for step in range(3):
+        outputs = []
+        for module in (ours, theirs):
+            module.train(step < 2)
+            with torch.set_grad_enabled(grad):
+                module.zero_grad()
+                outputs.append(module(x + step))
+                if grad:
+                    outputs[-1].sum().backward()
+        torch.testing.assert_close(outputs[0], outputs[1])
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+        torch.testing.assert_close(ours.running_var, theirs.running_var)
+        if grad:
+            torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x))
+    assert ours.num_batches_tracked == theirs.num_batches_tracked == 2

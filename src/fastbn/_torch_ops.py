@@ -58,10 +58,13 @@ def _param(tensor):
     return as_numpy(tensor if tensor.dtype in FLOATS else tensor.float())
 
 
-def _forward(x, weight, bias, running_mean, running_var, training, eps, relu, momentum=None):
+def _forward(x, weight, bias, running_mean, running_var, training, eps, relu, momentum=None,
+             saved=True):
     """(y, mean, invstd, batch_mean, batch_var). With ``momentum`` (in [0, 1], float32/float64
     running statistics; eager calls only), fastbn updates the running statistics itself, in
-    place, and batch_mean/batch_var are empty."""
+    place, and batch_mean/batch_var are empty. ``saved=False`` (no autograd: the caller keeps
+    only y) returns None for mean and invstd, and for batch_mean/batch_var unless the caller
+    needs them for the update."""
     C = x.shape[1]
     sdtype = stats_dtype(x.dtype)
     y = torch.empty_like(x, memory_format=torch.preserve_format)
@@ -83,6 +86,9 @@ def _forward(x, weight, bias, running_mean, running_var, training, eps, relu, mo
                          running_mean=stats[0], running_var=stats[1],
                          momentum=1.0 if momentum is None else momentum, eps=eps,
                          activation="relu" if relu else None, out=as_numpy(y))
+    if not saved:  # only y, and the batch statistics where the caller updates with them
+        return (y, None, None) + ((torch.from_numpy(batch[0]), torch.from_numpy(batch[1]))
+                                  if stats is batch else (None, None))
     mean, invstd = torch.from_numpy(result.mean), torch.from_numpy(result.invstd)
     if not training:  # (never an alias of the running statistics the caller may change)
         mean, invstd = mean.clone(), invstd.clone()
@@ -270,9 +276,13 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, momentum, e
         momentum = 1.0 / float(batches)
     in_place = (update and 0.0 <= momentum <= 1.0 and running_mean.dtype in FLOATS
                 and running_var.dtype in FLOATS)
-    y, _, _, batch_mean, batch_var = _EagerBatchNorm.apply(
-        x, weight, bias, running_mean, running_var, training, eps, relu,
-        momentum if in_place else None)
+    args = (x, weight, bias, running_mean, running_var, training, eps, relu,
+            momentum if in_place else None)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (x, weight, bias)):
+        y, _, _, batch_mean, batch_var = _EagerBatchNorm.apply(*args)
+    else:  # nothing to differentiate (inference, torch.no_grad): no autograd node, 5-15 us less
+        y, _, _, batch_mean, batch_var = _forward(*args, saved=False)
     if update and not in_place:
         _update_running(running_mean, running_var, batch_mean, batch_var, momentum, None)
     return y

@@ -69,12 +69,18 @@ def _calibrate(fn):
 def interleaved_medians(fns, samples, slow_budget_s=3.0):
     """Median seconds per call of each function in ``fns`` (a dict), timed in interleaved
     rounds: every round times each function once, so that a slow drift of the machine lands
-    on all of them alike and the ratios between them stay fair. Functions slower than
-    ``slow_budget_s`` in total (the reference on big arrays) take part in fewer rounds."""
+    on all of them alike and the ratios between them stay fair. Each round starts one
+    function later than the last, so that no function always follows the same neighbour (what
+    ran before, its heap and its threads, moved a small PyTorch layer's time by up to 1.6x).
+    Functions slower than ``slow_budget_s`` in total (the reference on big arrays) take part
+    in fewer rounds."""
     plan = {name: _calibrate(fn) for name, fn in fns.items()}
     times = {name: [] for name in fns}
+    names = list(fns)
     for round_ in range(samples):
-        for name, fn in fns.items():
+        k = round_ % len(names)
+        for name in names[k:] + names[:k]:
+            fn = fns[name]
             inner, once = plan[name]
             if round_ >= 3 and round_ * inner * once > slow_budget_s:
                 continue
