@@ -27,6 +27,8 @@ import sys
 import warnings
 from typing import NamedTuple, Optional
 
+from . import _backends
+
 #: The TBB runtime's file name, by platform (Numba's tbbpool links to this soname).
 TBB_LIBRARY = {"linux": "libtbb.so.12", "darwin": "libtbb.12.dylib", "win32": "tbb12.dll"}
 #: Platforms where fastbn depends on the ``tbb`` wheel (pyproject.toml's marker).
@@ -47,17 +49,6 @@ class Choice(NamedTuple):
 
 #: Set by :func:`choose` (once, when the Numba kernels are first imported).
 choice: Optional[Choice] = None
-#: True in a process forked after this module was imported (see :func:`serial_only`).
-forked_child = False
-
-
-def _after_fork_in_child():
-    global forked_child
-    forked_child = True
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _library_name():
@@ -160,5 +151,6 @@ def _tbb_expected():
 
 def serial_only():
     """Whether parallel Numba kernels must not run in this process: a child forked after
-    import, on a layer that is not known to be fork-safe (anything but TBB)."""
-    return forked_child and (choice is None or choice.layer != "tbb")
+    fastbn was imported (the flag fastbn._backends keeps for the Cython kernels too), on a
+    layer that is not known to be fork-safe (anything but TBB)."""
+    return _backends._forked_child and (choice is None or choice.layer != "tbb")
