@@ -100,13 +100,20 @@ def _no_call_path(*args):
     return None
 
 
+def import_call_path():
+    """The compiled Cython module, for its call path, with the backends listed (so that it
+    knows the default); None where it was not built."""
+    kernels = _import_cython()
+    available_backends()
+    return kernels
+
+
 def call_path():
     """(forward, backward) of the compiled call path of the Cython extension
     (``fast_forward`` and ``fast_backward`` in ``_cy_call.pxi``), or two functions that return
     None where it was not built: each takes the public function's arguments, all of them, and
     returns its result for a common call, or None, and then the Python path runs."""
-    kernels = _import_cython()
-    available_backends()  # listed once, so that the call path knows the default
+    kernels = import_call_path()
     if kernels is None:
         return _no_call_path, _no_call_path
     return kernels.fast_forward, kernels.fast_backward

@@ -22,8 +22,8 @@
 from cpython.long cimport PyLong_AsLongAndOverflow
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.ref cimport Py_INCREF
-from libc.math cimport INFINITY, copysign, copysignf, fabs, fabsf, isfinite, isinf, nextafter
-from libc.math cimport nextafterf
+from libc.math cimport NAN, isfinite
+from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport getenv
 from libc.string cimport memset, strcmp
 
@@ -36,6 +36,8 @@ cdef extern from "numpy/arrayobject.h":
         cnp.npy_intp *strides, void *data, int flags, PyObject *obj)
 
 cdef enum:
+    #: A call's scratch up to this many bytes is kept for the next call (see _fast_scratch).
+    _FAST_SCRATCH_KEEP = 1 << 20
     _FAST_MAX_DIMS = 8
     _FAST_CACHE_SIZE = 32
     #: Below this many bytes of x the kernel runs with the GIL held: releasing and taking it
@@ -98,6 +100,40 @@ cdef bint _fast_modules():
         _fast_backward_result = _common.BackwardResult
         _fast_backends_mod = _backends
     return True
+
+
+# --- scratch: one block kept between calls -----------------------------------------------------
+# malloc and free of a call's 50-80 KB of scratch cost about 1 us on small arrays (glibc
+# consolidates its free lists after a free of 64 KB or more). One block is kept and lent to one
+# call at a time; both functions run with the GIL held, which makes the lending atomic. A call
+# that finds it lent (another thread's, between its launch and its return) allocates its own.
+
+cdef double *_fast_kept = NULL
+cdef Py_ssize_t _fast_kept_bytes = 0
+cdef bint _fast_kept_lent = False
+
+
+cdef double *_fast_scratch(Py_ssize_t nbytes):
+    """Scratch of ``nbytes``, NULL when out of memory; give it back with _fast_scratch_done."""
+    global _fast_kept, _fast_kept_bytes, _fast_kept_lent
+    if _fast_kept_lent or nbytes > _FAST_SCRATCH_KEEP:
+        return <double *> malloc(nbytes)
+    if _fast_kept_bytes < nbytes:
+        free(_fast_kept)
+        _fast_kept = <double *> malloc(nbytes)
+        _fast_kept_bytes = nbytes if _fast_kept != NULL else 0
+        if _fast_kept == NULL:
+            return NULL
+    _fast_kept_lent = True
+    return _fast_kept
+
+
+cdef void _fast_scratch_done(double *scratch):
+    global _fast_kept_lent
+    if scratch == _fast_kept:
+        _fast_kept_lent = False
+    else:
+        free(scratch)
 
 
 # --- checks: True where the Python path would accept the argument as the call path takes it --
@@ -341,23 +377,39 @@ cdef inline const double *_fast_param(object v, double *slot, Py_ssize_t C, doub
 
 
 cdef void _fast_ulps(object mean, double *slot, Py_ssize_t C):
-    """abs(np.spacing(mean)) in mean's own dtype (as _validate.backward_args), as float64."""
+    """abs(np.spacing(mean)) in mean's own dtype (as _validate.backward_args), as float64:
+    the magnitude's bit pattern plus one is the next float away from zero (the largest finite
+    one goes to Inf, as nextafter; NaN stays NaN), without a libm call per feature; Inf gives
+    NaN, as np.spacing."""
     cdef Py_ssize_t i
-    cdef const float *mf
-    cdef const double *md
-    cdef float f
-    cdef double d
+    cdef const uint32_t *mf
+    cdef const uint64_t *md
+    cdef uint32_t fb, fb1
+    cdef uint64_t db, db1
+    cdef float fa, fn
+    cdef double da, dn
     if cnp.PyArray_TYPE(<cnp.ndarray> mean) == cnp.NPY_FLOAT:
-        mf = <const float *> cnp.PyArray_DATA(<cnp.ndarray> mean)
+        mf = <const uint32_t *> cnp.PyArray_DATA(<cnp.ndarray> mean)
         for i in range(C):
-            f = mf[i]
-            slot[i] = <double> (fabsf(nextafterf(f, copysignf(INFINITY, f)) - f)
-                                if not isinf(f) else f - f)
+            fb = mf[i] & 0x7fffffffu
+            if fb == 0x7f800000u:
+                slot[i] = NAN
+                continue
+            fb1 = fb + 1
+            memcpy(&fa, &fb, 4)
+            memcpy(&fn, &fb1, 4)
+            slot[i] = <double> (fn - fa)
     else:
-        md = <const double *> cnp.PyArray_DATA(<cnp.ndarray> mean)
+        md = <const uint64_t *> cnp.PyArray_DATA(<cnp.ndarray> mean)
         for i in range(C):
-            d = md[i]
-            slot[i] = fabs(nextafter(d, copysign(INFINITY, d)) - d) if not isinf(d) else d - d
+            db = md[i] & 0x7fffffffffffffffu
+            if db == 0x7ff0000000000000u:
+                slot[i] = NAN
+                continue
+            db1 = db + 1
+            memcpy(&da, &db, 8)
+            memcpy(&dn, &db1, 8)
+            slot[i] = dn - da
 
 
 cdef object _fast_vector_out(const double *src, Py_ssize_t C, int x_type):
@@ -514,7 +566,7 @@ def fast_forward(x, gamma, beta, axis, training, running_mean, running_var, mome
     threads = _fast_threads(op, nbytes)
     ngroups = 0 if p.inner or not train else _fast_groups(p, threads, p.group_bytes)
     # stats 3C, sums 2C, four per-feature slots 4C, coef 4 x W (at most 8 bytes each)
-    scratch = <double *> malloc((9 * C + 4 * W) * sizeof(double))
+    scratch = _fast_scratch((9 * C + 4 * W) * sizeof(double))
     if scratch == NULL:
         return None
     stats, sums, slots = scratch, scratch + 3 * C, scratch + 5 * C
@@ -546,7 +598,7 @@ def fast_forward(x, gamma, beta, axis, training, running_mean, running_var, mome
         if lock is not None:
             lock.release()
     if status != 0:  # no memory for the kernel's scratch: the Python path says so
-        free(scratch)
+        _fast_scratch_done(scratch)
         return None
     if train and rm is not None:
         if xt == cnp.NPY_FLOAT:
@@ -560,7 +612,7 @@ def fast_forward(x, gamma, beta, axis, training, running_mean, running_var, mome
         mean = _fast_vector_out(stats, C, xt)
         invstd = _fast_vector_out(stats + 2 * C, C, xt)
     finally:
-        free(scratch)
+        _fast_scratch_done(scratch)
     global _fast_served
     _fast_served += 1
     return _fast_tuple_new(_fast_forward_result, (ya, mean, invstd))
@@ -668,7 +720,7 @@ def fast_backward(dy, x, mean, invstd, gamma, beta, axis, training, activation, 
     # backward reads two arrays where forward reads one: half the budget (as _drivers)
     ngroups = 0 if p.inner or relu else _fast_groups(p, threads, p.group_bytes // 2)
     # grads 2C, sums 3C, five per-feature slots 5C, coef 5 x W, fcoef 4 x W
-    scratch = <double *> malloc((10 * C + 9 * W) * sizeof(double))
+    scratch = _fast_scratch((10 * C + 9 * W) * sizeof(double))
     if scratch == NULL:
         return None
     grads, sums, slots = scratch, scratch + 2 * C, scratch + 5 * C
@@ -696,13 +748,13 @@ def fast_backward(dy, x, mean, invstd, gamma, beta, axis, training, activation, 
         if lock is not None:
             lock.release()
     if status != 0:
-        free(scratch)
+        _fast_scratch_done(scratch)
         return None
     try:
         dgamma = _fast_vector_out(grads, C, xt)
         dbeta = _fast_vector_out(grads + C, C, xt)
     finally:
-        free(scratch)
+        _fast_scratch_done(scratch)
     global _fast_served
     _fast_served += 1
     return _fast_tuple_new(_fast_backward_result, (oa, dgamma, dbeta))
@@ -733,3 +785,90 @@ cdef int _fast_backward_launch(int xt, const FastPlan *p, Strided gv, Strided xv
         else:
             _backward_outer(gv, xv, ov, f, <double *> coef, ngroups, threads, sums)
     return 0
+
+
+# --- PyTorch tensors: the call path over a tensor's own memory ----------------------------------
+# fastbn.torch's eager calls come here first: each tensor becomes an ndarray header over its
+# memory (its data pointer, shape and strides; cheaper than Tensor.numpy(), which costs about
+# 0.8 us a tensor with its detach), and the call goes on as fast_forward / fast_backward above,
+# so that what it serves and computes is theirs. PyTorch's dtype and layout objects are handed
+# over by fastbn._torch_ops (this module does not import torch).
+
+cdef object _torch_float32 = None
+cdef object _torch_float64 = None
+cdef object _torch_strided = None
+
+
+def fast_torch_register(float32, float64, strided):
+    """PyTorch's torch.float32, torch.float64 and torch.strided, which the calls below compare
+    tensors' dtype and layout with."""
+    global _torch_float32, _torch_float64, _torch_strided
+    _torch_float32, _torch_float64, _torch_strided = float32, float64, strided
+
+
+cdef object _fast_tensor(object t):
+    """An ndarray over a CPU, strided float32/float64 tensor's memory (no copy, no reference
+    to the tensor: the caller keeps it alive for the call), else None."""
+    cdef cnp.npy_intp dims[_FAST_MAX_DIMS]
+    cdef cnp.npy_intp strides[_FAST_MAX_DIMS]
+    cdef int typenum, nd, i
+    cdef Py_ssize_t item
+    dtype = t.dtype
+    if dtype is _torch_float32:
+        typenum, item = cnp.NPY_FLOAT, 4
+    elif dtype is _torch_float64:
+        typenum, item = cnp.NPY_DOUBLE, 8
+    else:
+        return None
+    if t.is_cpu is not True or t.layout is not _torch_strided:
+        return None
+    shape = t.shape
+    stride = t.stride()
+    nd = len(shape)
+    if nd > _FAST_MAX_DIMS:
+        return None
+    for i in range(nd):
+        dims[i] = shape[i]
+        strides[i] = stride[i] * item
+    # NumPy sets the aligned and contiguity flags from the pointer and strides
+    return cnp.PyArray_New(cnp.ndarray, nd, dims, typenum, strides,
+                           <void *> <size_t> t.data_ptr(), 0, cnp.NPY_ARRAY_WRITEABLE, None)
+
+
+def fast_torch_forward(x, y, weight, bias, running_mean, running_var, training, momentum, eps,
+                       relu, unbiased_running_var=True):
+    """fast_forward on tensors: writes y (a tensor of x's shape and strides) and, in training,
+    updates the running statistics in place; returns the ForwardResult (its ``y`` an ndarray
+    over y's memory, its mean and invstd ndarrays of their own), or None when the call is not
+    served (then nothing was written). Running statistics that require grad are not served."""
+    if (running_mean is not None and running_mean.requires_grad) \
+            or (running_var is not None and running_var.requires_grad):
+        return None
+    xa = _fast_tensor(x)
+    ya = _fast_tensor(y)
+    wa = None if weight is None else _fast_tensor(weight)
+    ba = None if bias is None else _fast_tensor(bias)
+    rma = None if running_mean is None else _fast_tensor(running_mean)
+    rva = None if running_var is None else _fast_tensor(running_var)
+    if xa is None or ya is None or (wa is None and weight is not None) \
+            or (ba is None and bias is not None) or (rma is None and running_mean is not None) \
+            or (rva is None and running_var is not None):
+        return None
+    return fast_forward(xa, wa, ba, 1, training, rma, rva, momentum, eps,
+                        "relu" if relu is True else None, ya, None, unbiased_running_var)
+
+
+def fast_torch_backward(dy, x, mean, invstd, weight, bias, training, relu, dx):
+    """fast_backward on tensors dy, x, weight, bias and dx (x's shape and strides, written),
+    with ``mean`` and ``invstd`` the ndarrays fast_torch_forward returned; the BackwardResult
+    (dgamma and dbeta ndarrays of their own), or None when the call is not served."""
+    ga = _fast_tensor(dy)
+    xa = _fast_tensor(x)
+    oa = _fast_tensor(dx)
+    wa = None if weight is None else _fast_tensor(weight)
+    ba = None if bias is None else _fast_tensor(bias)
+    if ga is None or xa is None or oa is None or (wa is None and weight is not None) \
+            or (ba is None and bias is not None):
+        return None
+    return fast_backward(ga, xa, mean, invstd, wa, ba, 1, training,
+                         "relu" if relu is True else None, oa, None)

@@ -138,6 +138,14 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                 batches=None):
     """batch_norm (with ``relu``: relu(batch_norm)); ``batches``, a module's
     num_batches_tracked, makes the momentum ``1 / batches`` (momentum=None)."""
+    if (type(input) is torch.Tensor and not torch.compiler.is_compiling()
+            and not _under_transform()):
+        # the compiled call path, which serves valid calls only: else the checks below
+        y = _torch_ops.call_path_batch_norm(
+            input, weight, bias, running_mean, running_var, training,
+            momentum if batches is None else 1.0 / float(batches), eps, relu)
+        if y is not None:
+            return y
     tensors = (weight, bias, running_mean, running_var)
     if not _fastbn_can_run(input, tensors) or (
             not training and (running_mean is None or running_var is None or eps == 0.0)):
