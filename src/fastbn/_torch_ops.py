@@ -18,6 +18,10 @@ translation: half-precision parameters go through float32 vectors, PyTorch's upd
 running statistics takes any momentum (fastbn's NumPy API only [0, 1]) and any floating
 dtype, and an empty batch gives an empty output.
 
+Eager calls (not traced) skip the dispatcher: first the compiled call path on the tensors'
+memory (:func:`call_path_batch_norm`, whose autograd node keeps the statistics as NumPy
+arrays), then, for what it does not serve, ``_EagerBatchNorm`` on NumPy views.
+
 The backward is the operator above, except under ``torch.func.vmap`` (batched gradients),
 where it is written in torch operations that vmap can batch. The backward itself cannot be
 differentiated: double backward raises.

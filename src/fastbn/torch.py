@@ -14,9 +14,12 @@ parameters and running statistics in any of these dtypes (PyTorch's kernel takes
 or float32 for half input; fastbn computes in float32 or float64 alike); under ``torch.autocast("cpu")``
 BatchNorm runs in its input's dtype, as PyTorch's does.
 
-Forward and backward hand fastbn the tensors' memory as NumPy views, so nothing is copied,
-for contiguous and ``channels_last`` tensors alike; outputs keep the input's memory format.
-They are also registered as the custom operators ``fastbn::batch_norm``,
+Forward and backward hand fastbn the tensors' memory, so nothing is copied, for contiguous
+and ``channels_last`` tensors alike; outputs keep the input's memory format. Eager calls on
+float32/float64 tensors go first to the compiled call path of the Cython extension (checks,
+plan and launch in C, on the tensors' data pointers); everything it does not serve (other
+dtypes, the Numba backend, invalid arguments) runs through fastbn's Python API on NumPy views
+of the tensors. Both are also registered as the custom operators ``fastbn::batch_norm``,
 ``fastbn::batch_norm_backward`` and ``fastbn::update_running`` (:mod:`fastbn._torch_ops`),
 which ``torch.compile`` (no graph break) and ``torch.export`` trace whole; eager calls run the
 same code without the dispatcher's cost.
