@@ -435,11 +435,13 @@ def test_crossover_point_is_where_the_team_stops_losing():
 
 @pytest.mark.backends("cython")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("shape,axis", [((37, 5, 3, 6), -1), ((50, 300), 1), ((9, 4096), 1)],
-                         ids=["NHWC", "NC", "NC-wide"])
+@pytest.mark.parametrize("shape,axis", [((37, 5, 3, 6), -1), ((50, 300), 1), ((9, 4096), 1),
+                                        ((6, 5, 37, 11), 1)],
+                         ids=["NHWC", "NC", "NC-wide", "NCHW"])
 def test_streaming_stores_give_the_same_bits(backend, dtype, shape, axis):
     """Outputs above stream_min_bytes are written through a buffer with non-temporal stores
-    (feature-inner row loops): the same bits as regular stores, for outputs at every alignment
+    (feature-inner row loops; the feature-outer eval normalize, runs of 407 elements here, not
+    a multiple of the buffer): the same bits as regular stores, for outputs at every alignment
     (the stores need 16 bytes: the loops peel up to it), ReLU, training and eval."""
     from fastbn import _cy_kernels
 

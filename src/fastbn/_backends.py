@@ -121,10 +121,11 @@ def call_path():
 
 def last_level_cache_bytes(default=32 * 2**20):
     """The largest cache of CPU 0 (Linux sysfs; ``default`` elsewhere). The Cython
-    feature-inner kernels write outputs of at least 3/4 of it with non-temporal stores, glibc's
-    rule for memcpy: such an output mostly cannot stay in cache for its consumer anyway, and
-    streaming saves its read-for-ownership (NHWC 32x56x56x64, 25.7 MB with a 32 MiB L3: eval
-    0.87x -> 0.73x the copy, forward 1.56x -> 1.50x). Smaller outputs keep regular stores,
+    feature-inner kernels (and the feature-outer eval normalize) write outputs of at least 3/4
+    of it with non-temporal stores, glibc's rule for memcpy: such an output mostly cannot stay
+    in cache for its consumer anyway, and streaming saves its read-for-ownership (NHWC
+    32x56x56x64, 25.7 MB with a 32 MiB L3: eval 0.87x -> 0.73x the copy, forward 1.56x ->
+    1.50x; NCHW 64x128x56x56 eval 5.0 -> 4.6 ms). Smaller outputs keep regular stores,
     which leave part of them in cache for the next operation. In a ResNet-block step the two
     choices could not be told apart (+-10 ms noise between identical configurations over
     21-25 interleaved steps). glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) reported 384 MiB on the

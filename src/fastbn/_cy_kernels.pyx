@@ -62,9 +62,10 @@ cdef extern from "_cy_runs.h" nogil:
     void backward_sums_d(const double *dy, fbn_idx sdy, const double *x, fbn_idx sx, fbn_idx n,
                          double shift, double *out)
     void normalize_run_f(const float *x, fbn_idx sx, float *y, fbn_idx sy, fbn_idx n, float s,
-                         float hi, float scale, float shift, int relu)
+                         float hi, float scale, float shift, int relu, int stream)
     void normalize_run_d(const double *x, fbn_idx sx, double *y, fbn_idx sy, fbn_idx n,
-                         double s, double hi, double scale, double shift, int relu)
+                         double s, double hi, double scale, double shift, int relu,
+                         int stream)
     void dx_run_f(const float *dy, fbn_idx sdy, const float *x, fbn_idx sx, float *dx,
                   fbn_idx sdx, fbn_idx n, float s, float hi, float k, float u1, float u2)
     void dx_run_d(const double *dy, fbn_idx sdy, const double *x, fbn_idx sx, double *dx,
@@ -72,6 +73,7 @@ cdef extern from "_cy_runs.h" nogil:
     void scale_run_f(const float *dy, fbn_idx sdy, float *dx, fbn_idx sdx, fbn_idx n, float k)
     void scale_run_d(const double *dy, fbn_idx sdy, double *dx, fbn_idx sdx, fbn_idx n,
                      double k)
+    void fbn_sfence()
     void relu_sums_run_f(const float *dy, fbn_idx sdy, const float *x, fbn_idx sx, fbn_idx n,
                          double shift, float s, float hi, float scale, float offset,
                          double *out)
@@ -176,7 +178,10 @@ cdef struct Strided:
 
 
 #: Outputs of at least this many bytes are written with non-temporal stores by the row loops
-#: of the feature-inner family (see _cy_runs.h). The dispatch layer sets it to 3/4 of the
+#: of the feature-inner family and by the feature-outer eval normalize (see _cy_runs.h; in the
+#: feature-outer training kernels, whose second pass reads a group back from cache, they
+#: measured no faster for forward and 2-12% slower for backward, NCHW 64x128x56x56 on 2
+#: threads, so those keep regular stores). The dispatch layer sets it to 3/4 of the
 #: last-level cache when it loads this module (fastbn._backends.last_level_cache_bytes): a
 #: larger output mostly cannot stay in cache for its consumer anyway; a smaller one may.
 cdef Py_ssize_t _stream_min_bytes = 24 * 2**20
@@ -305,13 +310,13 @@ cdef inline void _backward_sums(const floating *dy, Py_ssize_t sdy, const floati
 
 cdef inline void _normalize_run(const floating *x, Py_ssize_t sx, floating *y, Py_ssize_t sy,
                                 Py_ssize_t n, const floating *coef, Py_ssize_t W,
-                                Py_ssize_t c, bint relu) noexcept nogil:
+                                Py_ssize_t c, bint relu, bint stream) noexcept nogil:
     if floating is float:
         normalize_run_f(x, sx, y, sy, n, coef[c], coef[W + c], coef[2 * W + c],
-                        coef[3 * W + c], relu)
+                        coef[3 * W + c], relu, stream)
     else:
         normalize_run_d(x, sx, y, sy, n, coef[c], coef[W + c], coef[2 * W + c],
-                        coef[3 * W + c], relu)
+                        coef[3 * W + c], relu, stream)
 
 
 cdef inline void _dx_run(const floating *dy, Py_ssize_t sdy, const floating *x, Py_ssize_t sx,
@@ -552,7 +557,7 @@ cdef void _forward_group(Strided xv, Strided yv, const double *weight, const dou
     for a in range(A):
         for c in range(c0, c1):
             _normalize_run(x + a * xv.s0 + c * xv.s1, xv.s2, y + a * yv.s0 + c * yv.s1, yv.s2,
-                           B, coef, C, c, relu)
+                           B, coef, C, c, relu, False)
 
 
 cdef void _forward_train_outer(Strided xv, Strided yv, const double *weight,
@@ -579,7 +584,9 @@ cdef void _normalize_block(Strided xv, Strided yv, const floating *coef, bint re
         a = ac // C
         c = ac - a * C
         _normalize_run(x + a * xv.s0 + c * xv.s1, xv.s2, y + a * yv.s0 + c * yv.s1, yv.s2,
-                       xv.n2, coef, C, c, relu)
+                       xv.n2, coef, C, c, relu, yv.stream)
+    if yv.stream:
+        fbn_sfence()
 
 
 cdef void _normalize_outer(Strided xv, Strided yv, const floating *coef, bint relu,
@@ -1603,7 +1610,7 @@ cdef void _forward_half_group(Strided xv, Strided yv, const double *weight, cons
     for a in range(A):
         for c in range(c0, c1):
             run = buf + (a * n + c - c0) * B
-            _normalize_run(run, 1, run, 1, B, coef, C, c, relu)
+            _normalize_run(run, 1, run, 1, B, coef, C, c, relu, False)
             fbn_float_to_half_run(run, <uint16_t *> yv.data + a * yv.s0 + c * yv.s1, B, brain)
 
 

@@ -391,7 +391,7 @@ static void fbn_normalize_half_run(const uint16_t *x, uint16_t *y, fbn_idx n, fl
     for (b0 = 0; b0 < n; b0 += FBN_STREAM_CHUNK) {
         m = n - b0 < FBN_STREAM_CHUNK ? n - b0 : FBN_STREAM_CHUNK;
         fbn_half_to_float_run(x + b0, buf, m, brain);
-        normalize_run_f(buf, 1, buf, 1, m, s, hi, scale, shift, relu);
+        normalize_run_f(buf, 1, buf, 1, m, s, hi, scale, shift, relu, 0);
         fbn_float_to_half_run(buf, y + b0, m, brain);
     }
 }

@@ -81,9 +81,27 @@ FBN_LOOP void FBN(backward_sums)(const T *dy, fbn_idx sdy, const T *x, fbn_idx s
 }
 
 FBN_LOOP void FBN(normalize_run)(const T *x, fbn_idx sx, T *y, fbn_idx sy, fbn_idx n,
-                                      T s, T hi, T scale, T shift, int relu)
+                                      T s, T hi, T scale, T shift, int relu, int stream)
 {
     fbn_idx b;
+    if (stream && sx == 1 && sy == 1) {  /* non-temporal stores: see _cy_runs.h */
+        T buf[FBN_STREAM_CHUNK];
+        fbn_idx b0, m;
+        for (b0 = 0; b0 < n; b0 += FBN_STREAM_CHUNK) {
+            m = n - b0 < FBN_STREAM_CHUNK ? n - b0 : FBN_STREAM_CHUNK;
+            if (relu) {
+                #pragma omp simd
+                for (b = 0; b < m; b++)
+                    buf[b] = FBN(relu)(FBN(bn_value)(x[b0 + b], s, hi, scale, shift));
+            } else {
+                #pragma omp simd
+                for (b = 0; b < m; b++)
+                    buf[b] = FBN(bn_value)(x[b0 + b], s, hi, scale, shift);
+            }
+            FBN(fbn_stream)(y + b0, buf, m);
+        }
+        return;
+    }
     if (sx == 1 && sy == 1) {
         if (relu) {
             #pragma omp simd
