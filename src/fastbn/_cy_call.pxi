@@ -464,13 +464,10 @@ cdef void _fast_update_running(floating *rm, floating *rv, const double *stats, 
     """The running-statistics update of the Cython kernels (_update_running, the twin of
     fastbn._common.update_running_stats), the batch variance times ``var_factor``:
     m / (m - 1) for the unbiased variance, 1.0 for the biased one."""
-    cdef double new_mean, new_var
-    cdef Py_ssize_t c
-    for c in range(C):
-        new_mean = (1.0 - momentum) * rm[c] + momentum * stats[c]
-        new_var = (1.0 - momentum) * rv[c] + momentum * (stats[C + c] * var_factor)
-        rm[c] = <floating> new_mean
-        rv[c] = <floating> new_var
+    if floating is float:
+        update_running_f(rm, rv, stats, C, momentum, var_factor)
+    else:
+        update_running_d(rm, rv, stats, C, momentum, var_factor)
 
 
 def fast_forward(x, gamma, beta, axis, training, running_mean, running_var, momentum, eps,

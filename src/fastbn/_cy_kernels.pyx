@@ -74,6 +74,10 @@ cdef extern from "_cy_runs.h" nogil:
     void scale_run_d(const double *dy, fbn_idx sdy, double *dx, fbn_idx sdx, fbn_idx n,
                      double k)
     void fbn_sfence()
+    void update_running_f(float *rm, float *rv, const double *stats, fbn_idx C, double momentum,
+                          double var_factor)
+    void update_running_d(double *rm, double *rv, const double *stats, fbn_idx C,
+                          double momentum, double var_factor)
     void relu_sums_run_f(const float *dy, fbn_idx sdy, const float *x, fbn_idx sx, fbn_idx n,
                          double shift, float s, float hi, float scale, float offset,
                          double *out)

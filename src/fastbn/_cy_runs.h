@@ -84,6 +84,11 @@ FBN_LOOP void fbn_fold_features(const double *partial, fbn_idx S, fbn_idx nchunk
                                 fbn_idx C, double *sums)
 {
     fbn_idx s, t, r, c;
+    if (nchunks == 1 && L == C) {  /* one block, one column a feature: 0.0 + p is p (a sum
+                                       that starts at +0.0 is never -0.0), so a copy */
+        memcpy(sums, partial, (size_t)(S * C) * sizeof(double));
+        return;
+    }
     for (s = 0; s < S; s++) {
         double *out = sums + s * C;
         for (c = 0; c < C; c++)
