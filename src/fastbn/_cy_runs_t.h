@@ -625,8 +625,8 @@ static inline int FBN(forward_feature)(double s1, double s2, double shift, doubl
  * _cy_call.pxi): r = (1 - momentum) * r + momentum * batch, the batch variance times
  * var_factor. rm and rv are disjoint (the call path checks) and stats is its scratch, hence
  * restrict, which lets the loop vectorize; the same operations as the scalar loop. */
-FBN_LOOP void FBN(update_running)(T *restrict rm, T *restrict rv,
-                                  const double *restrict stats, fbn_idx C, double momentum,
+FBN_LOOP void FBN(update_running)(T *__restrict rm, T *__restrict rv,
+                                  const double *__restrict stats, fbn_idx C, double momentum,
                                   double var_factor)
 {
     fbn_idx c;
