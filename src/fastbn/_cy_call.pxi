@@ -476,6 +476,12 @@ def fast_forward(x, gamma, beta, axis, training, running_mean, running_var, mome
     (see the header of this section). Arguments as fastbn.forward's, all given but
     ``unbiased_running_var`` (True: the running variance takes the batch variance times
     m / (m - 1); False: the batch variance itself)."""
+    return _fast_forward(x, gamma, beta, axis, training, running_mean, running_var, momentum,
+                         eps, activation, out, backend, unbiased_running_var)
+
+
+cdef object _fast_forward(x, gamma, beta, axis, training, running_mean, running_var, momentum,
+                          eps, activation, out, backend, unbiased_running_var):
     cdef int xt = _fast_float_type(x)
     cdef cnp.ndarray xa, ya, rm, rv
     cdef int ax = 0, relu, threads, run_threads, op
@@ -649,6 +655,12 @@ cdef int _fast_forward_launch(int xt, bint train, const FastPlan *p, Strided xv,
 def fast_backward(dy, x, mean, invstd, gamma, beta, axis, training, activation, out, backend):
     """fastbn.backward's BackwardResult for a common call, or None: then the Python path runs.
     Arguments as fastbn.backward's, all given."""
+    return _fast_backward(dy, x, mean, invstd, gamma, beta, axis, training, activation, out,
+                          backend)
+
+
+cdef object _fast_backward(dy, x, mean, invstd, gamma, beta, axis, training, activation, out,
+                           backend):
     cdef int xt = _fast_float_type(x)
     cdef cnp.ndarray xa, ga, oa
     cdef int ax = 0, relu, threads, run_threads, i
@@ -851,8 +863,8 @@ def fast_torch_forward(x, y, weight, bias, running_mean, running_var, training, 
             or (ba is None and bias is not None) or (rma is None and running_mean is not None) \
             or (rva is None and running_var is not None):
         return None
-    return fast_forward(xa, wa, ba, 1, training, rma, rva, momentum, eps,
-                        "relu" if relu is True else None, ya, None, unbiased_running_var)
+    return _fast_forward(xa, wa, ba, 1, training, rma, rva, momentum, eps,
+                         "relu" if relu is True else None, ya, None, unbiased_running_var)
 
 
 def fast_torch_backward(dy, x, mean, invstd, weight, bias, training, relu, dx):
@@ -867,5 +879,5 @@ def fast_torch_backward(dy, x, mean, invstd, weight, bias, training, relu, dx):
     if ga is None or xa is None or oa is None or (wa is None and weight is not None) \
             or (ba is None and bias is not None):
         return None
-    return fast_backward(ga, xa, mean, invstd, wa, ba, 1, training,
-                         "relu" if relu is True else None, oa, None)
+    return _fast_backward(ga, xa, mean, invstd, wa, ba, 1, training,
+                          "relu" if relu is True else None, oa, None)
