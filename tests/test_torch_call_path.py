@@ -212,3 +212,32 @@ def test_calls_it_does_not_take_run_on_the_python_path(backend, case):
     else:
         ref_y = ref(x)
     torch.testing.assert_close(y, ref_y, **tol)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+def test_jit_trace_records_the_operators(backend, training, grad):
+    """torch.jit.trace records fastbn's operators (the call path's output would be a constant
+    of the trace): the traced model gives torch's outputs, running statistics and gradients on
+    new inputs."""
+    import warnings
+
+    torch.manual_seed(0)
+    fast = torch.nn.Sequential(torch.nn.Linear(4, 6), fbt.BatchNorm1d(6)).double()
+    ref = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6)).double()
+    ref.load_state_dict(fast.state_dict())
+    fast.train(training), ref.train(training)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    with torch.set_grad_enabled(grad), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(fast, x, check_trace=not training)
+        traced_ref = torch.jit.trace(ref, x, check_trace=not training)
+    assert "fastbn::batch_norm" in str(traced.inlined_graph)
+    x2 = torch.randn(8, 4, dtype=torch.float64)
+    y, y_ref = traced(x2), traced_ref(x2)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(fast[1].running_mean, ref[1].running_mean)
+    torch.testing.assert_close(fast[1].running_var, ref[1].running_var)
+    g = torch.autograd.grad(y.square().sum(), fast[0].weight)
+    g_ref = torch.autograd.grad(y_ref.square().sum(), ref[0].weight)
+    torch.testing.assert_close(g, g_ref)

@@ -356,7 +356,8 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, momentum, e
     in training; arguments already checked. Operators when traced, else _EagerBatchNorm,
     which lets fastbn update the running statistics in the same call where it can."""
     update = training and running_mean is not None and x.numel() > 0
-    if torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+    if (torch.compiler.is_compiling() or type(x) is not torch.Tensor
+            or torch._C._get_tracing_state() is not None):  # torch.jit.trace records the ops
         y, _, _, batch_mean, batch_var = batch_norm_op(x, weight, bias, running_mean,
                                                        running_var, training, eps, relu)
         if update:

@@ -21,8 +21,9 @@ plan and launch in C, on the tensors' data pointers); everything it does not ser
 dtypes, the Numba backend, invalid arguments) runs through fastbn's Python API on NumPy views
 of the tensors. Both are also registered as the custom operators ``fastbn::batch_norm``,
 ``fastbn::batch_norm_backward`` and ``fastbn::update_running`` (:mod:`fastbn._torch_ops`),
-which ``torch.compile`` (no graph break) and ``torch.export`` trace whole; eager calls run the
-same code without the dispatcher's cost.
+which ``torch.compile`` (no graph break), ``torch.export`` and ``torch.jit.trace`` record
+whole; eager calls run the same code without the dispatcher's cost. ``torch.jit.script``
+cannot compile these modules (their forward is Python that TorchScript does not take).
 
 Edge cases behave as PyTorch's: an empty batch gives an empty output, zero gradients and
 untouched running statistics; momentum may be any number in training and is ignored in eval;
@@ -142,7 +143,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     """batch_norm (with ``relu``: relu(batch_norm)); ``batches``, a module's
     num_batches_tracked, makes the momentum ``1 / batches`` (momentum=None)."""
     if (type(input) is torch.Tensor and not torch.compiler.is_compiling()
-            and not _under_transform()):
+            and torch._C._get_tracing_state() is None and not _under_transform()):
         # the compiled call path, which serves valid calls only: else the checks below
         y = _torch_ops.call_path_batch_norm(
             input, weight, bias, running_mean, running_var, training,
