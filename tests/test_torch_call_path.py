@@ -241,3 +241,28 @@ def test_jit_trace_records_the_operators(backend, training, grad):
     g = torch.autograd.grad(y.square().sum(), fast[0].weight)
     g_ref = torch.autograd.grad(y_ref.square().sum(), ref[0].weight)
     torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_activation_checkpointing_matches_torch(backend, reentrant):
+    """torch.utils.checkpoint recomputes the forward during backward (saved-tensor hooks, or a
+    no-grad pass then a recompute): gradients and running statistics as PyTorch's BatchNorm."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(1)
+    fast = torch.nn.Sequential(torch.nn.Linear(5, 7), fbt.BatchNorm1d(7), torch.nn.ReLU()).double()
+    ref = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.BatchNorm1d(7),
+                              torch.nn.ReLU()).double()
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randn(16, 5, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for model in (fast, ref):
+        xi = x.detach().clone().requires_grad_()
+        out = checkpoint(model, xi, use_reentrant=reentrant)
+        out.square().sum().backward()
+        grads.append((xi.grad, model[0].weight.grad, model[1].weight.grad, model[1].bias.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(fast[1].running_mean, ref[1].running_mean)
+    torch.testing.assert_close(fast[1].running_var, ref[1].running_var)
+    assert int(fast[1].num_batches_tracked) == int(ref[1].num_batches_tracked)
