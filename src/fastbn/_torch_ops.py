@@ -19,8 +19,9 @@ running statistics takes any momentum (fastbn's NumPy API only [0, 1]) and any f
 dtype, and an empty batch gives an empty output.
 
 Eager calls (not traced) skip the dispatcher: first the compiled call path on the tensors'
-memory (:func:`call_path_batch_norm`, whose autograd node keeps the statistics as NumPy
-arrays), then, for what it does not serve, ``_EagerBatchNorm`` on NumPy views.
+memory (:func:`call_path_batch_norm`), then, for what it does not serve, the Python path on
+NumPy views; either way one autograd node (``_EagerNode``) keeps the statistics as NumPy
+arrays for the backward.
 
 The backward is the operator above, except under ``torch.func.vmap`` (batched gradients),
 where it is written in torch operations that vmap can batch. The backward itself cannot be
@@ -219,12 +220,12 @@ def _is_batched(tensor):
             or torch._C._functorch.is_legacy_batchedtensor(tensor))
 
 
-def _grad(ctx, dy, *_stats_grads, backward=None):
+def _grad(ctx, dy, *_stats_grads):
     x, weight, bias, mean, invstd = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     if dy is None or not (need_x or need_w or need_b):
         return (None,) * 8
-    run = backward_in_torch if _is_batched(dy) else (backward or batch_norm_backward_op)
+    run = backward_in_torch if _is_batched(dy) else batch_norm_backward_op
     dx, dweight, dbias = run(dy, x, mean, invstd, weight, bias, ctx.training, ctx.relu)
     return (dx if need_x else None, dweight if need_w else None, dbias if need_b else None,
             None, None, None, None, None)
@@ -243,27 +244,7 @@ batch_norm_backward_op.register_autograd(_no_double_backward,
                                          setup_context=lambda ctx, inputs, output: None)
 
 
-class _EagerBatchNorm(torch.autograd.Function):
-    """The same forward and backward as the operators, without the dispatcher: in eager mode
-    a custom operator's call costs about 0.1 ms more (measured on a (32, 64) input), which
-    small layers feel. Traced code (torch.compile, torch.export) takes the operators."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, eps, relu,
-                momentum):
-        output = _forward(x, weight, bias, running_mean, running_var, training, eps, relu,
-                          momentum)
-        _setup_context(ctx, (x, weight, bias, None, None, training, eps, relu), output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dy, *stats_grads):
-        # create_graph=True: the operator, whose own backward raises (no double backward)
-        run = batch_norm_backward_op if torch.is_grad_enabled() else _backward
-        return _grad(ctx, dy, *stats_grads, backward=run) + (None,)
-
-
-# --- eager calls on the compiled call path ------------------------------------------------------
+# --- eager calls: the compiled call path, else the Python path, and one autograd node -----------
 
 def _first_call(*args):
     global _call_forward, _call_backward
@@ -286,11 +267,14 @@ _call_forward = _first_call
 _call_backward = _not_served
 
 
-class _CallPathNode(torch.autograd.Function):
-    """The autograd node of a forward the compiled call path ran: its forward only hands back
-    the output computed before (passed in ``payload``, not as an input, so that y is an
-    ordinary output that may be changed in place, as PyTorch's), and its backward runs the
-    call path's backward on the saved tensors and the statistics kept as NumPy arrays."""
+class _EagerNode(torch.autograd.Function):
+    """The autograd node of an eager forward, run before it (by the compiled call path, or by
+    fastbn's Python API where the call path does not serve the call): its forward only hands
+    back that output (passed in ``payload``, not as an input, so that y is an ordinary output
+    that may be changed in place, as PyTorch's), and its backward runs the call path's
+    backward, else the Python path's, on the saved tensors and the statistics kept as NumPy
+    arrays. Eager calls skip the dispatcher: a custom operator's call costs about 0.1 ms more
+    (measured on a (32, 64) input), which small layers feel."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, payload):
@@ -326,10 +310,16 @@ class _CallPathNode(torch.autograd.Function):
                 dbias if need_b else None, None)
 
 
-#: _CallPathNode's apply without torch.autograd.Function.apply's wrapper, which binds default
-#: arguments (there are none) and unwraps torch.func's dead wrappers (the caller serves plain
-#: tensors outside transforms only): 1.1 us of a 3.3 us apply.
-_node_apply = super(torch.autograd.function._SingleLevelFunction, _CallPathNode).apply
+#: _EagerNode's apply without torch.autograd.Function.apply's wrapper, which binds default
+#: arguments (there are none) and unwraps torch.func's dead wrappers (eager calls come with
+#: plain tensors outside transforms only): 1.1 us of a 3.3 us apply.
+_node_apply = super(torch.autograd.function._SingleLevelFunction, _EagerNode).apply
+
+
+def _needs_node(x, weight, bias):
+    return torch.is_grad_enabled() and (x.requires_grad
+                                        or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad))
 
 
 def call_path_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps,
@@ -343,9 +333,7 @@ def call_path_batch_norm(x, weight, bias, running_mean, running_var, training, m
                            eps, relu)
     if result is None:
         return None
-    if torch.is_grad_enabled() and (x.requires_grad
-                                    or (weight is not None and weight.requires_grad)
-                                    or (bias is not None and bias.requires_grad)):
+    if _needs_node(x, weight, bias):
         return _node_apply(x, weight, bias, (y, result.mean, result.invstd, training, relu))
     return y
 
@@ -353,8 +341,9 @@ def call_path_batch_norm(x, weight, bias, running_mean, running_var, training, m
 def batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, relu,
                batches):
     """y = batch_norm(x) (relu(batch_norm(x)) with ``relu``), updating the running statistics
-    in training; arguments already checked. Operators when traced, else _EagerBatchNorm,
-    which lets fastbn update the running statistics in the same call where it can."""
+    in training; arguments already checked. Operators when traced, else the Python path
+    (the compiled call path declined the call) with an _EagerNode where something needs a
+    gradient; fastbn updates the running statistics in the same call where it can."""
     update = training and running_mean is not None and x.numel() > 0
     if (torch.compiler.is_compiling() or type(x) is not torch.Tensor
             or torch._C._get_tracing_state() is not None):  # torch.jit.trace records the ops
@@ -370,9 +359,9 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, momentum, e
                 and running_var.dtype in FLOATS)
     args = (x, weight, bias, running_mean, running_var, training, eps, relu,
             momentum if in_place else None)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (x, weight, bias)):
-        y, _, _, batch_mean, batch_var = _EagerBatchNorm.apply(*args)
+    if _needs_node(x, weight, bias):
+        y, mean, invstd, batch_mean, batch_var = _forward(*args)
+        y = _node_apply(x, weight, bias, (y, mean.numpy(), invstd.numpy(), training, relu))
     else:  # nothing to differentiate (inference, torch.no_grad): no autograd node, 5-15 us less
         y, _, _, batch_mean, batch_var = _forward(*args, saved=False)
     if update and not in_place:
