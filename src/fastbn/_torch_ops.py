@@ -316,6 +316,14 @@ class _EagerNode(torch.autograd.Function):
 _node_apply = super(torch.autograd.function._SingleLevelFunction, _EagerNode).apply
 
 
+def eager(x):
+    """True for a call that runs now on a plain tensor; False where the custom operators must
+    be recorded instead: traced code (torch.compile, torch.export, torch.jit.trace, whose
+    record of the eager path would keep its output as a constant) and tensor subclasses."""
+    return (type(x) is torch.Tensor and not torch.compiler.is_compiling()
+            and torch._C._get_tracing_state() is None)
+
+
 def _needs_node(x, weight, bias):
     return torch.is_grad_enabled() and (x.requires_grad
                                         or (weight is not None and weight.requires_grad)
@@ -345,8 +353,7 @@ def batch_norm(x, weight, bias, running_mean, running_var, training, momentum, e
     (the compiled call path declined the call) with an _EagerNode where something needs a
     gradient; fastbn updates the running statistics in the same call where it can."""
     update = training and running_mean is not None and x.numel() > 0
-    if (torch.compiler.is_compiling() or type(x) is not torch.Tensor
-            or torch._C._get_tracing_state() is not None):  # torch.jit.trace records the ops
+    if not eager(x):
         y, _, _, batch_mean, batch_var = batch_norm_op(x, weight, bias, running_mean,
                                                        running_var, training, eps, relu)
         if update:

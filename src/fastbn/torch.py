@@ -142,8 +142,7 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
                 batches=None):
     """batch_norm (with ``relu``: relu(batch_norm)); ``batches``, a module's
     num_batches_tracked, makes the momentum ``1 / batches`` (momentum=None)."""
-    if (type(input) is torch.Tensor and not torch.compiler.is_compiling()
-            and torch._C._get_tracing_state() is None and not _under_transform()):
+    if _torch_ops.eager(input) and not _under_transform():
         # the compiled call path, which serves valid calls only: else the checks below
         y = _torch_ops.call_path_batch_norm(
             input, weight, bias, running_mean, running_var, training,
