@@ -461,9 +461,10 @@ cdef inline bint _fast_prologue(object axis, int ndim, int *ax):
 
 cdef void _fast_update_running(floating *rm, floating *rv, const double *stats, Py_ssize_t C,
                                double momentum, double var_factor) noexcept nogil:
-    """The running-statistics update of the Cython kernels (_update_running, the twin of
-    fastbn._common.update_running_stats), the batch variance times ``var_factor``:
-    m / (m - 1) for the unbiased variance, 1.0 for the biased one."""
+    """update_running_f/d of _cy_runs_t.h: the operations of the Cython kernels'
+    _update_running (the twin of fastbn._common.update_running_stats) on contiguous, disjoint
+    vectors, the batch variance times ``var_factor``: m / (m - 1) for the unbiased variance,
+    1.0 for the biased one."""
     if floating is float:
         update_running_f(rm, rv, stats, C, momentum, var_factor)
     else:

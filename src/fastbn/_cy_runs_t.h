@@ -38,10 +38,10 @@ static inline T FBN(relu)(T z)
 #ifndef FBN_PF_DIST
 #define FBN_PF_DIST 8192
 #endif
-/* Prefetch the cache lines FBN_PF_DIST bytes past a block of FBN_LANES elements at p. */
-#define FBN_PREFETCH(p) do { \
+/* Prefetch the cache lines FBN_PF_DIST bytes past n elements at p. */
+#define FBN_PREFETCH(p, n) do { \
     size_t fbn_q_; \
-    for (fbn_q_ = 0; fbn_q_ < sizeof(T) * FBN_LANES; fbn_q_ += 64) \
+    for (fbn_q_ = 0; fbn_q_ < sizeof(T) * (size_t)(n); fbn_q_ += 64) \
         __builtin_prefetch((const char *)(p) + FBN_PF_DIST + fbn_q_); \
 } while (0)
 #ifndef FBN_LANES
@@ -58,7 +58,7 @@ FBN_LOOP void FBN(shifted_sums)(const T *x, fbn_idx n, fbn_idx st, double shift,
         double p1[FBN_LANES] = {0.0}, p2[FBN_LANES] = {0.0};
         fbn_idx k;
         for (b = 0; b + FBN_LANES <= n; b += FBN_LANES) {
-            FBN_PREFETCH(x + b);
+            FBN_PREFETCH(x + b, FBN_LANES);
             #pragma omp simd
             for (k = 0; k < FBN_LANES; k++) {
                 double d = (double)x[b + k] - shift;
@@ -140,8 +140,7 @@ FBN_LOOP void FBN(normalize_run)(const T *x, fbn_idx sx, T *y, fbn_idx sy, fbn_i
         fbn_idx b0, m;
         for (b0 = 0; b0 < n; b0 += FBN_STREAM_CHUNK) {
             m = n - b0 < FBN_STREAM_CHUNK ? n - b0 : FBN_STREAM_CHUNK;
-            for (b = 0; b < m; b += 64 / sizeof(T))
-                __builtin_prefetch((const char *)(x + b0 + b) + FBN_PF_DIST);
+            FBN_PREFETCH(x + b0, m);
             if (relu) {
                 #pragma omp simd
                 for (b = 0; b < m; b++)
