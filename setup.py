@@ -99,6 +99,13 @@ class OptionalBuildExt(build_ext):
         _write_build_info(os.path.dirname(self.get_ext_fullpath("fastbn._cy_kernels")))
 
 
+#: The files _cy_kernels.pyx includes (Cython and C): a change to one rebuilds the extension,
+#: and the sdist carries them all.
+CYTHON_INCLUDES = ("_cy_families.pxi", "_cy_entries.pxi", "_cy_phases.pxi", "_cy_half.pxi",
+                   "_cy_call.pxi", "_cy_call_checks.pxi", "_cy_call_torch.pxi", "_cy_runs.h",
+                   "_cy_runs_t.h", "_cy_rows_t.h", "_cy_finish_t.h")
+
+
 def extensions():
     if _flag("FASTBN_NO_CYTHON"):
         OUTCOME.update(cython="not built", reason="FASTBN_NO_CYTHON is set")
@@ -113,7 +120,7 @@ def extensions():
         "fastbn._cy_kernels",
         ["src/fastbn/_cy_kernels.pyx"],
         include_dirs=[numpy.get_include(), "src/fastbn"],
-        depends=["src/fastbn/_cy_runs.h", "src/fastbn/_cy_runs_t.h", "src/fastbn/_cy_call.pxi"],
+        depends=[f"src/fastbn/{name}" for name in CYTHON_INCLUDES],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
     OUTCOME.update(cython="not built", reason="the extension build did not run")

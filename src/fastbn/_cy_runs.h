@@ -8,8 +8,10 @@
  * fast-math flags, so (v * s - hi) * scale + shift is evaluated exactly as written, in the
  * same way in forward and in the ReLU backward that recomputes it.
  *
- * The bodies are in _cy_runs_t.h, included once per element type: float (suffix _f) and
- * double (suffix _d). Strides are in elements; a run is n values st apart.
+ * The bodies are included once per element type, float (suffix _f) and double (suffix _d):
+ * _cy_runs_t.h (runs of one feature), _cy_rows_t.h (rows of a feature-inner view) and
+ * _cy_finish_t.h (each feature's statistics and coefficients from its sums). Strides are in
+ * elements; a run is n values st apart.
  */
 #ifndef FASTBN_CY_RUNS_H
 #define FASTBN_CY_RUNS_H
@@ -159,12 +161,16 @@ static inline void fbn_sfence(void) {}
 #define FBN_T float
 #define FBN_SUFFIX f
 #include "_cy_runs_t.h"
+#include "_cy_rows_t.h"
+#include "_cy_finish_t.h"
 #undef FBN_T
 #undef FBN_SUFFIX
 
 #define FBN_T double
 #define FBN_SUFFIX d
 #include "_cy_runs_t.h"
+#include "_cy_rows_t.h"
+#include "_cy_finish_t.h"
 #undef FBN_T
 #undef FBN_SUFFIX
 
