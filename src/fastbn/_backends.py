@@ -207,7 +207,7 @@ def _kernels(backend):
 # fastbn's thread count is one process-wide number, set by set_num_threads() (initially from
 # $FASTBN_NUM_THREADS, else every CPU this process may run on), and passed to every kernel
 # launch of either backend. Numba's own setting is per calling thread: its kernels apply ours
-# for the launch and give the caller's back (fastbn._numba_kernels._Kernel); the Cython
+# for the launch and give the caller's back (fastbn._numba_jit._Kernel); the Cython
 # kernels pass it to OpenMP as num_threads.
 
 _num_threads = None

@@ -1,9 +1,10 @@
 /* Body of _cy_runs.h for one element type FBN_T (float or double); FBN(name) appends the
- * type's suffix. The arithmetic is that of fastbn/_numba_kernels.py, operation for operation:
- * sums in double around a per-feature shift, elementwise results in FBN_T. One exception: the
- * feature-inner backward sums add four rows per update where Numba's add two (four measured no
- * faster there), so the two backends' backward sums may differ in the last bits. Each loop
- * has a unit-stride version (vectorized) and a strided one. */
+ * type's suffix. The arithmetic is that of the Numba kernels (fastbn/_numba_steps.py),
+ * operation for operation: sums in double around a per-feature shift, elementwise results in
+ * FBN_T. One exception: the feature-inner backward sums add four rows per update where
+ * Numba's add two (four measured no faster there), so the two backends' backward sums may
+ * differ in the last bits. Each loop has a unit-stride version (vectorized) and a strided
+ * one. */
 
 #define T FBN_T
 

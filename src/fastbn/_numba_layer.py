@@ -108,7 +108,7 @@ def preload_tbb():
 
 def choose(numba_config, environ=os.environ, warn=True):
     """Set ``numba_config.THREADING_LAYER`` for fastbn (before Numba's first parallel launch)
-    and return the :class:`Choice`. Called once, by :mod:`fastbn._numba_kernels`."""
+    and return the :class:`Choice`. Called once, by :mod:`fastbn._numba_jit`."""
     global choice
     path, why_not = preload_tbb()
     user = environ.get("NUMBA_THREADING_LAYER")

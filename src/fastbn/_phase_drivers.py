@@ -7,7 +7,7 @@ converted here to (mean, M2) or to sums around a given mean. The dx pass
 (``backward_elemt_*``, ``backward_relu_elemt_*``) takes the coefficients the fused backward
 would have built from the whole batch's sums: :func:`grad_coefs` and :func:`forward_coefs`
 build them here, in NumPy over the C features, with the fused kernels' formulas
-(``_store_grads`` and ``_forward_coefs`` in :mod:`fastbn._numba_kernels`).
+(``_store_grads`` and ``_forward_coefs`` in :mod:`fastbn._numba_steps`).
 """
 import numpy as np
 
