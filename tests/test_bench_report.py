@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from fastbn import bench
+from fastbn import bench, bench_crossover, bench_report
 
 pytestmark = pytest.mark.backends("numba")  # the report does not depend on the backend
 
@@ -36,12 +36,12 @@ def plausible_rows():
 def test_plausible_rows_are_not_flagged():
     """Including a small case whose copy loses on 2 threads: waking the team costs more
     than copying 64 KiB, so that is no sign of contention."""
-    assert bench.contention(plausible_rows()) == [[], [], [], []]
+    assert bench_report.contention(plausible_rows()) == [[], [], [], []]
 
 
 def test_copy_slower_on_more_threads_flags_that_row_only():
     rows = [row("NHWC", 1, 4e-3), row("NHWC", 2, 4e-3 * 1.5), row("NHWC", 4, 4e-3 * 1.2)]
-    flags = bench.contention(rows)
+    flags = bench_report.contention(rows)
     assert flags[0] == [] and flags[2] == []  # 1.2x is within the margin
     assert len(flags[1]) == 1 and "copy 1.5x slower on 2 threads" in flags[1][0]
 
@@ -53,7 +53,7 @@ def test_copy_slower_on_more_threads_flags_that_row_only():
 ])
 def test_implausible_speedups_are_flagged(torch, reference, what):
     rows = [row("NCHW", 1, 4e-3, torch=torch, reference=reference), row("NCHW", 2, 2e-3)]
-    flags = bench.contention(rows)
+    flags = bench_report.contention(rows)
     assert flags[0] == [what] and flags[1] == []
 
 
@@ -62,19 +62,19 @@ def test_implausible_speedups_are_flagged(torch, reference, what):
 def test_fastbn_far_from_the_copy_is_flagged(fastbn_time, what):
     row_ = row("NC small", 1, 1e-6, mb=0.13)
     row_["cython_eval"] = fastbn_time
-    assert bench.contention([row_])[0][0] == what  # (the speedup over PyTorch may follow)
+    assert bench_report.contention([row_])[0][0] == what  # (the speedup over PyTorch may follow)
 
 
 @pytest.mark.parametrize("value", [-1e-3, 0.0, float("nan"), float("inf")])
 def test_times_that_are_not_positive_and_finite_are_flagged(value):
     bad = row("NCHW", 1, 4e-3)
     bad["numba_eval"] = value
-    assert bench.contention([bad]) == [["time not positive and finite: numba_eval"]]
+    assert bench_report.contention([bad]) == [["time not positive and finite: numba_eval"]]
 
 
 def test_table_marks_contended_rows_and_says_why():
     rows = plausible_rows() + [row("NHWC", 1, 4e-3), row("NHWC", 2, 9e-3)]
-    lines = bench.format_table(rows).splitlines()
+    lines = bench_report.format_table(rows).splitlines()
     table = [line for line in lines if line.startswith("| ")][1:]
     assert len(table) == 2 * len(rows)  # one line per row and backend
     assert [line.endswith("| **contended** |") for line in table] == [False] * 10 + [True] * 2
@@ -91,7 +91,7 @@ def test_figure_has_log_axes_the_environment_and_no_contended_bars(tmp_path):
     env = {"fastbn": "9.9.9", "date": "2031-01-02 03:04 UTC", "cpu": "Example CPU 3000",
            "cpus": 64, "numba": "0.61.0", "threading_layer": "tbb", "torch": "2.13.0"}
     path = tmp_path / "bench.png"
-    fig = bench.plot(rows, path, env)
+    fig = bench_report.plot(rows, path, env)
     try:
         assert path.stat().st_size > 10_000
         title = fig._suptitle.get_text()
@@ -127,7 +127,7 @@ def test_plot_without_matplotlib_fails_before_timing(monkeypatch, capsys):
         raise AssertionError("the benchmark ran although its figure cannot be drawn")
 
     monkeypatch.setattr(bench, "run", no_run)
-    monkeypatch.setattr(bench, "crossover", no_run)
+    monkeypatch.setattr(bench_crossover, "crossover", no_run)
     with pytest.raises(SystemExit) as info:
         bench.main(["--quick", "--no-torch", "--plot", "out.png"])
     assert "--plot needs matplotlib" in str(info.value.code)

@@ -413,7 +413,7 @@ def test_parallel_threshold_for_every_launch():
 def test_crossover_point_is_where_the_team_stops_losing():
     """bench --crossover reports, per family and op, the smallest size from which the team
     was never slower, over every layout of the family."""
-    from fastbn import bench
+    from fastbn import bench_crossover as bench
 
     def row(layout, kib, serial, team):
         r = {"backend": "cython", "layout": layout, "family": "inner", "KiB": kib}

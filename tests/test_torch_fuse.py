@@ -205,12 +205,13 @@ def test_fused_repr_says_fastbn():
 def test_bench_training_step_with_fused_variant_runs():
     """The bench's ResNet-block step (time and peak memory) runs every variant, fused included
     (tiny sizes: the figures themselves come from python -m fastbn.bench)."""
-    from fastbn import bench
+    from fastbn import bench_train
 
-    times = bench.train_step(batch=2, channels=4, size=6, samples=1)
-    memory = bench.train_step_memory(batch=2, channels=4, size=6, memory_format="channels_last")
+    times = bench_train.train_step(batch=2, channels=4, size=6, samples=1)
+    memory = bench_train.train_step_memory(batch=2, channels=4, size=6,
+                                           memory_format="channels_last")
     names = ["torch BN", "fastbn BN", "fastbn BN+ReLU fused", "no BN"]
     assert list(times) == list(memory) == names
     assert all(t > 0 for t in times.values()) and all(m > 0 for m in memory.values())
-    table = bench.format_train_step(times, "tiny", memory)
+    table = bench_train.format_train_step(times, "tiny", memory)
     assert "fastbn BN+ReLU fused" in table and "peak MiB" in table
