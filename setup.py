@@ -103,7 +103,7 @@ class OptionalBuildExt(build_ext):
 #: and the sdist carries them all.
 CYTHON_INCLUDES = ("_cy_families.pxi", "_cy_entries.pxi", "_cy_phases.pxi", "_cy_half.pxi",
                    "_cy_call.pxi", "_cy_call_checks.pxi", "_cy_call_torch.pxi", "_cy_runs.h",
-                   "_cy_runs_t.h", "_cy_rows_t.h", "_cy_finish_t.h")
+                   "_cy_runs_t.h", "_cy_rows_t.h", "_cy_finish_t.h", "_cy_half.h")
 
 
 def extensions():

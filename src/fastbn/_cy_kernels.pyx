@@ -26,7 +26,8 @@ feature; feature-inner: blocks of rows); ``_cy_entries.pxi`` their ``def`` entry
 ``_cy_phases.pxi`` the split phases of :mod:`fastbn.phases`; ``_cy_half.pxi`` the
 half-precision paths; ``_cy_call.pxi`` the compiled call path. The C loops are in
 ``_cy_runs.h`` (helpers, conversions) and its per-type bodies ``_cy_runs_t.h`` (runs),
-``_cy_rows_t.h`` (rows) and ``_cy_finish_t.h`` (per-feature finishing).
+``_cy_rows_t.h`` (rows) and ``_cy_finish_t.h`` (per-feature finishing), and ``_cy_half.h``
+(half-precision conversions and fused loops).
 
 The math, the summation order of every reduction that has a fixed order (per-feature sums add
 runs sample by sample; feature-inner partials are folded in the same fixed order), and the
