@@ -80,6 +80,8 @@ def fast_torch_backward(dy, x, mean, invstd, weight, bias, training, relu, dx):
     xa = _fast_tensor(x)
     oa = _fast_tensor(dx)
     wa = None if weight is None else _fast_tensor(weight)
+    if relu is not True:
+        bias = None  # only the ReLU's mask reads it (0.4 us a tensor header, on 8 us calls)
     ba = None if bias is None else _fast_tensor(bias)
     if ga is None or xa is None or oa is None or (wa is None and weight is not None) \
             or (ba is None and bias is not None):
