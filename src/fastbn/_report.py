@@ -19,6 +19,9 @@ from ._plans import INNER_MAX_RUN
 BUILD_INFO = os.path.join(os.path.dirname(__file__), "_build_info.json")
 OPTIONAL = ("numpy", "numba", "llvmlite", "tbb", "Cython", "ml_dtypes", "torch", "mpi4py",
             "mpich", "jax", "jaxlib", "flax", "keras")
+#: What a missing package's absence means where it is not obvious: Cython compiles the
+#: extension during the install and is not needed to run it.
+_WHY_OPTIONAL = {"Cython": " (only the install's build of the Cython backend uses it)"}
 
 
 def build_info():
@@ -151,7 +154,7 @@ def report():
     lines += cpu_lines() + [""]
     lines.append("Packages: " + ", ".join(
         f"{name} {_version(name)}" for name in OPTIONAL if _version(name)))
-    missing = [name for name in OPTIONAL if not _version(name)]
+    missing = [name + _WHY_OPTIONAL.get(name, "") for name in OPTIONAL if not _version(name)]
     if missing:
         lines.append("Not installed: " + ", ".join(missing))
     return "\n".join(lines)

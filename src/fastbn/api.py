@@ -1,13 +1,17 @@
 """The public functions: signatures and documentation, nothing else.
 
 Checks live in :mod:`fastbn._validate`; :mod:`fastbn._dispatch` routes a call to a backend
-(its docstring shows how the modules stack); loops live in :mod:`fastbn._numba_kernels` (and ``fastbn/_cy_kernels.pyx``, the optional compiled
-twin), the NumPy twin in :mod:`fastbn.reference`.
+(its docstring shows how the modules stack); loops live in :mod:`fastbn._numba_kernels` (and
+``fastbn/_cy_kernels.pyx``, the optional compiled twin), the NumPy twin in
+:mod:`fastbn.reference`.
 
 A call first goes to the compiled call path (``_cy_call.pxi`` in the Cython extension), which
 serves the common case in C and returns None for anything else, every invalid argument
 included: the Python path below then runs and raises the documented errors.
 """
+# annotations kept as written, so that help() shows "ArrayLike", not its expansion
+from __future__ import annotations
+
 from typing import Any, Callable
 
 import numpy as np
@@ -182,7 +186,8 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
         None means 1.
     beta : array_like (C,), optional
         None means 0. Used with ``activation="relu"`` only, to find where the forward's output
-        was positive.
+        was positive: there, pass the forward's beta (left out, the mask, and so every
+        gradient, is that of a forward without beta).
     axis, training, backend
         As in :func:`forward`.
     activation : {None, "relu"}

@@ -24,6 +24,9 @@ Requires mpi4py (``pip install 'fastbn[mpi]'``, which also brings the ``mpich`` 
 ``mpiexec``); ``import fastbn`` does not import it. Run a script with
 ``mpiexec -n 4 python train.py``.
 """
+# annotations kept as written, so that help() shows "ArrayLike", not its expansion
+from __future__ import annotations
+
 try:
     from mpi4py import MPI
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test

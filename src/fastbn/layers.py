@@ -6,6 +6,9 @@ running_mean, running_var, num_batches_tracked), train/eval modes, ``momentum=No
 cumulative average, and ``track_running_stats=False`` normalizing with batch statistics
 in eval mode too.
 """
+# annotations kept as written, so that help() shows "ArrayLike", not its expansion
+from __future__ import annotations
+
 import numbers
 from collections.abc import Mapping
 from typing import Any

@@ -37,6 +37,9 @@ normalizing pass with the float64 statistics carried beyond x's precision, and
 batch's sums (:mod:`fastbn._phase_drivers`). The "reference" backend computes each phase in
 NumPy, float64 inside. float16/bfloat16 inputs are not taken yet (convert them to float32).
 """
+# annotations kept as written, so that help() shows "ArrayLike", not its expansion
+from __future__ import annotations
+
 from collections.abc import Iterable
 from typing import Any
 

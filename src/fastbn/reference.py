@@ -14,6 +14,9 @@ Conventions (shared by all backends):
   near 1e4 is off by up to 5e-4 from the true one, which after scaling by ``invstd`` would cost
   more accuracy than everything else together; a ``mean`` that differs by more is used as given.
 """
+# annotations kept as written, so that help() shows "ArrayLike", not its expansion
+from __future__ import annotations
+
 from typing import Any
 
 import numpy as np
