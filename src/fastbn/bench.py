@@ -53,15 +53,32 @@ QUICK_CASES = (
 #: Each sample repeats the call until it lasts this long, so that timer resolution and
 #: per-call noise matter little; the figure is the median of the samples (per call).
 MIN_SAMPLE_S = 0.002
+#: Each function is called for this long before it is timed (a call that lasts longer: once).
+WARM_UP_S = 0.01
+
+
+def _repeat(fn, seconds):
+    """Calls fn until ``seconds`` have passed (once at least); the mean seconds per call."""
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return max(elapsed / calls, 1e-7)
 
 
 def _calibrate(fn):
-    """Calls per sample so that a sample lasts MIN_SAMPLE_S, after a warm-up call; and the
-    time of one call."""
+    """Calls per sample so that a sample lasts MIN_SAMPLE_S, and the time of one call: the
+    mean over MIN_SAMPLE_S / 2 of calls, after a first call (imports, compilation, set-up
+    on first use) and WARM_UP_S of warm-up calls (a call that lasts longer counts as one of
+    each). A small PyTorch layer's training step takes 10-20 calls to settle after the
+    process's first autograd call (0.27 s), its first ones 2-10x slower; one warm-up call
+    and one timed call had cut its samples to 4 calls, each sample's first call then
+    weighing a quarter of its figure."""
     fn()
-    start = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - start, 1e-7)
+    _repeat(fn, WARM_UP_S)
+    once = _repeat(fn, MIN_SAMPLE_S / 2)
     return max(1, int(MIN_SAMPLE_S / once)), once
 
 
