@@ -198,7 +198,7 @@ def test_cython_backend_never_loads_numba():
             "x = np.random.default_rng(0).standard_normal((64, 8, 16, 16)).astype(np.float32)\n"
             "rm, rv = np.zeros(8), np.ones(8)\n"
             "y, m, i = fastbn.forward(x, running_mean=rm, running_var=rv, activation='relu')\n"
-            "fastbn.backward(x, x, m, i, activation='relu')\n"
+            "fastbn.backward(x, x, m, i, None, None, activation='relu')\n"
             "fastbn.forward(x, training=False, running_mean=rm, running_var=rv)\n"
             "fastbn.forward(x.astype(np.float16)); fastbn.forward(x.transpose(0, 2, 3, 1), axis=-1)\n"
             "fastbn.set_num_threads(fastbn.get_num_threads())\n"

@@ -146,3 +146,60 @@ def test_nan_stays_in_its_feature():
     assert np.isfinite(y[:, [1, 3]]).all() and np.isfinite(mean[[1, 3]]).all()
     dx, dg, db = fastbn.backward(np.ones_like(x), x, mean, invstd)
     assert np.isfinite(dx[:, [1, 3]]).all() and np.isfinite(dg[[1, 3]]).all()
+
+
+RELU_BACKWARDS = ("api", "reference", "phases.backward_sums", "phases.backward_dx")
+
+
+def _relu_backward(name, beta_kwargs):
+    """Call the named backward function with activation="relu" on a small float32 problem."""
+    from fastbn import phases, reference
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(8, 3)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    gamma, beta = np.full(3, 1.5, np.float32), np.full(3, 0.7, np.float32)
+    y, mean, invstd = fastbn.forward(x, gamma, beta, activation="relu")
+    mean64 = x.astype(np.float64).mean(axis=0)
+    if name == "api":
+        return fastbn.backward(dy, x, mean, invstd, gamma, activation="relu", **beta_kwargs)
+    if name == "reference":
+        return reference.backward(dy, x, mean, invstd, gamma, activation="relu", **beta_kwargs)
+    sums = phases.backward_sums(dy, x, mean64, invstd, gamma, activation="relu", **beta_kwargs)
+    if name == "phases.backward_sums":
+        return sums
+    whole = phases.merge_sums([sums])
+    return phases.backward_dx(dy, x, mean64, invstd, whole, gamma, activation="relu",
+                              **beta_kwargs)
+
+
+@pytest.mark.parametrize("name", RELU_BACKWARDS)
+def test_relu_backward_without_beta_is_an_error(name):
+    """With the fused ReLU, backward recomputes the forward's mask from beta: a left-out beta
+    would give other gradients without a word, so it raises, naming beta; None is taken as
+    the forward's 'no beta'."""
+    with pytest.raises(TypeError, match="beta must be given with activation='relu'"):
+        _relu_backward(name, {})
+    _relu_backward(name, {"beta": None})  # the forward had none: allowed
+    _relu_backward(name, {"beta": np.full(3, 0.7, np.float32)})
+
+
+def test_backward_without_activation_may_leave_beta_out():
+    x = np.random.default_rng(4).normal(size=(8, 3)).astype(np.float32)
+    y, mean, invstd = fastbn.forward(x)
+    left_out = fastbn.backward(np.ones_like(x), x, mean, invstd)
+    given = fastbn.backward(np.ones_like(x), x, mean, invstd, None, None)
+    np.testing.assert_array_equal(left_out.dx, given.dx)
+
+
+@pytest.mark.backends("cython")
+def test_left_out_beta_keeps_the_compiled_call_path():
+    """beta's default is a marker object, not None: without an activation fastbn.backward
+    turns it into None before the compiled call path, which would step aside for it."""
+    from fastbn import _cy_kernels
+
+    x = np.random.default_rng(5).normal(size=(8, 3)).astype(np.float32)
+    y, mean, invstd = fastbn.forward(x)
+    before = _cy_kernels.fast_path_calls()
+    fastbn.backward(np.ones_like(x), x, mean, invstd)
+    assert _cy_kernels.fast_path_calls() == before + 1

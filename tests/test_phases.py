@@ -217,13 +217,16 @@ def test_hypothesis_any_split_equals_the_whole(n, C, B, cuts, loc, relu, data, b
     outs = [phases.normalize(x[p], merged, activation=activation, backend=backend)
             for p in pieces]
     sums = phases.merge_sums([phases.backward_sums(dy[p], x[p], merged.mean, outs[0].invstd,
-                                                   activation=activation, backend=backend)
+                                                   beta=None, activation=activation,
+                                                   backend=backend)
                               for p in pieces])
     dx = np.concatenate([phases.backward_dx(dy[p], x[p], merged.mean, outs[0].invstd, sums,
-                                            activation=activation, backend=backend).dx
+                                            beta=None, activation=activation,
+                                            backend=backend).dx
                          for p in pieces])
     ref = fastbn.forward(x, activation=activation, backend=backend)
-    bref = fastbn.backward(dy, x, ref.mean, ref.invstd, activation=activation, backend=backend)
+    bref = fastbn.backward(dy, x, ref.mean, ref.invstd, beta=None, activation=activation,
+                           backend=backend)
     cond = max(1.0, loc) * np.abs(ref.invstd).max()  # relative error grows with mean/spread
     np.testing.assert_allclose(np.concatenate([o.y for o in outs]), ref.y,
                                atol=1e-13 * cond + 1e-12)

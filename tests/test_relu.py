@@ -103,7 +103,7 @@ def test_tie_at_zero_passes_no_gradient():
                                      running_var=np.ones(1), eps=1e-12, activation="relu")
     np.testing.assert_allclose(y.ravel(), [0.0, 0.0, 1.0, 0.0])
     assert y[1, 0] == 0.0 and y[3, 0] == 0.0
-    dx = fastbn.backward(np.ones_like(x), x, mean, invstd, training=False,
+    dx = fastbn.backward(np.ones_like(x), x, mean, invstd, beta=None, training=False,
                          activation="relu").dx
     np.testing.assert_allclose(dx.ravel(), [0.0, 0.0, 1.0, 0.0])
 

@@ -159,6 +159,27 @@ def test_bad_backward_input_and_mismatched_features_raise_everywhere():
     assert "dy" in str(errors[0]) and isinstance(errors[1], _sync.RemoteInputError)
 
 
+def test_relu_backward_without_beta_on_one_rank_raises_on_every_rank():
+    """A backward with activation="relu" needs beta (fastbn.distributed.backward hands its
+    left-out marker on to this layer); a rank that leaves it out raises, and the others
+    raise with it instead of waiting in a collective."""
+    from fastbn._validate import FORWARD_BETA
+
+    group = ThreadGroup(2)
+    x = np.random.default_rng(2).normal(size=(6, 3))
+    beta = np.full(3, 0.5)
+
+    def rank_fn(comm, rank):
+        (y, mean, invstd), _ = _sync.forward(comm, x, None, beta, 1, None, None, 0.1, 1e-5,
+                                             "relu", None, None)
+        return _sync.backward(comm, np.ones_like(x), x, mean, invstd, None,
+                              FORWARD_BETA if rank == 0 else beta, 1, "relu", None, None)
+
+    _, errors = group.run(rank_fn)
+    assert isinstance(errors[0], TypeError) and "beta must be given" in str(errors[0])
+    assert isinstance(errors[1], _sync.RemoteInputError)
+
+
 def test_global_count_below_two_raises_on_every_rank():
     group = ThreadGroup(3)
 

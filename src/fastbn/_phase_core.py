@@ -14,7 +14,7 @@ from ._backends import _kernels, resolve_backend
 from ._common import ForwardResult, stats_dtype, update_running_stats
 from ._drivers import _forward_into, _update_running
 from ._validate import (FLOAT_DTYPES, ForwardArgs, _activation, _axis, _backend, _float_array,
-                        _out, _real, _running, _values_per_feature, _vector)
+                        _out, _real, _running, _values_per_feature, _vector, backward_beta)
 
 
 class BatchStats(NamedTuple):
@@ -200,6 +200,7 @@ def backward_inputs(dy, x, mean, invstd, gamma, beta, axis, activation):
     mean_in = _vector(mean, "mean", C)
     invstd = np.asarray(_vector(invstd, "invstd", C), dtype=np.float64)
     gamma = np.ones(C) if gamma is None else np.asarray(_vector(gamma, "gamma", C), np.float64)
+    beta = backward_beta(beta, activation)
     beta = np.zeros(C) if beta is None else np.asarray(_vector(beta, "beta", C), np.float64)
     return x, dy, axis, C, mean_in, invstd, gamma, beta, _activation(activation)
 

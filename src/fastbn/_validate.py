@@ -28,6 +28,33 @@ ACTIVATIONS = (None, "relu")
 BACKENDS = ("numba", "cython", "reference")
 
 
+class _ForwardBeta:
+    """The default of the backward functions' ``beta``: taken as None (0) without an
+    activation; with activation="relu" beta must be given (the forward's, or None where the
+    forward had none), as the forward's mask depends on it and a left-out beta would give
+    other gradients without a word."""
+
+    __slots__ = ()
+
+    def __repr__(self):
+        return "<the forward's>"
+
+
+#: ``beta``'s default in every backward function (see _ForwardBeta).
+FORWARD_BETA: Any = _ForwardBeta()
+
+
+def backward_beta(beta, activation):
+    """beta of a backward call: None where left out without an activation; TypeError where
+    left out with activation="relu"."""
+    if beta is not FORWARD_BETA:
+        return beta
+    if isinstance(activation, str) and activation == "relu":
+        raise TypeError("beta must be given with activation='relu' (the forward's beta, or "
+                        "None where the forward had none): the ReLU's mask depends on it")
+    return None
+
+
 def is_half(dtype):
     # itemsize first: dtype.name runs Python code in NumPy (4.6 us), float32/float64 skip it
     return dtype.itemsize == 2 and dtype.name in HALF_NAMES
@@ -269,6 +296,7 @@ def backward_args(dy, x, mean, invstd, gamma, beta, axis, training, activation, 
     # (in mean's dtype, as a per-feature parameter: a float64 cast here cost 0.5 us a call)
     a.mean_ulp = as_param(np.abs(np.spacing(mean)))
     a.gamma = None if gamma is None else _vector(gamma, "gamma", C)
+    beta = backward_beta(beta, activation)
     a.beta = None if beta is None else _vector(beta, "beta", C)
     a.training = _flag(training, "training")
     if a.training and a.m < 2:

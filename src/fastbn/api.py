@@ -19,7 +19,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from . import _backends, _dispatch
 from ._common import ActivationName, BackendName, BackwardResult, ForwardResult
-from ._validate import backward_args, forward_args
+from ._validate import FORWARD_BETA, backward_args, forward_args
 
 
 def _first_forward(*args: Any) -> ForwardResult | None:
@@ -159,7 +159,8 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
 
 
 def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
-             gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *, axis: int = 1,
+             gamma: ArrayLike | None = None, beta: ArrayLike | None = FORWARD_BETA, *,
+             axis: int = 1,
              training: bool = True, activation: ActivationName | None = None,
              out: NDArray[Any] | None = None,
              backend: BackendName | None = None) -> BackwardResult:
@@ -184,10 +185,10 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
         float32 mean loses digits that dx needs); a ``mean`` further off is used as given.
     gamma : array_like (C,), optional
         None means 1.
-    beta : array_like (C,), optional
-        None means 0. Used with ``activation="relu"`` only, to find where the forward's output
-        was positive: there, pass the forward's beta (left out, the mask, and so every
-        gradient, is that of a forward without beta).
+    beta : array_like (C,) or None
+        The forward's; None means 0. Read with ``activation="relu"`` only, to find where the
+        forward's output was positive, and then it must be given (None where the forward had
+        none): left out, it raises TypeError. Without an activation it may be left out.
     axis, training, backend
         As in :func:`forward`.
     activation : {None, "relu"}
@@ -206,7 +207,8 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
     Raises
     ------
     TypeError
-        dy's dtype differs from x's; a non-floating input.
+        dy's dtype differs from x's; a non-floating input; beta left out with
+        ``activation="relu"``.
     ValueError
         As :func:`forward`, and dy's shape differs from x's. Nothing is modified on error.
 
@@ -219,6 +221,8 @@ def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
     >>> bool(np.abs(dx).max() < 1e-5), dbeta.tolist()
     (True, [16.0, 16.0, 16.0])
     """
+    if beta is FORWARD_BETA and activation is None:
+        beta = None  # (with an activation, the Python path's checks say what is missing)
     result = _fast_backward(dy, x, mean, invstd, gamma, beta, axis, training, activation, out,
                             backend)
     if result is None:

@@ -41,7 +41,7 @@ from numpy.typing import ArrayLike, DTypeLike, NDArray
 from . import _sync, api
 from ._common import ActivationName, BackendName, BackwardResult, ForwardResult
 from ._sync import RemoteInputError
-from ._validate import _flag
+from ._validate import FORWARD_BETA, _flag
 from .layers import BatchNorm
 
 __all__ = ["forward", "backward", "SyncBatchNorm", "RemoteInputError", "MPICommunicator"]
@@ -131,7 +131,7 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
 
 
 def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
-             gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
+             gamma: ArrayLike | None = None, beta: ArrayLike | None = FORWARD_BETA, *,
              comm: "MPI.Intracomm | MPICommunicator | None" = None, axis: int = 1,
              training: bool = True, activation: ActivationName | None = None,
              out: NDArray[Any] | None = None,

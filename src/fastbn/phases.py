@@ -53,6 +53,7 @@ from ._phase_core import (BatchStats, GradSums, _backend, _data, _out, _stats_ar
                           backward_sums_checked, batch_stats_checked, merge_stats_checked,
                           merge_sums_checked, normalize_checked, normalize_inputs, param_grads,
                           refine)
+from ._validate import FORWARD_BETA
 
 __all__ = ["BatchStats", "GradSums", "batch_stats", "merge_stats", "normalize",
            "backward_sums", "merge_sums", "backward_dx"]
@@ -207,7 +208,7 @@ def normalize(x: ArrayLike, stats: BatchStats, gamma: ArrayLike | None = None,
 
 
 def backward_sums(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
-                  gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
+                  gamma: ArrayLike | None = None, beta: ArrayLike | None = FORWARD_BETA, *,
                   axis: int = 1, activation: ActivationName | None = None,
                   backend: BackendName | None = None) -> GradSums:
     """The backward pass's per-feature sums over this piece of the batch, in float64.
@@ -222,8 +223,10 @@ def backward_sums(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLik
         The whole batch's, as :func:`normalize` returned them (the float64 ``mean`` of
         :func:`merge_stats` may be passed instead of the rounded one). Sums are taken around
         ``mean`` as given.
-    gamma, beta : array_like (C,), optional
-        Used with ``activation="relu"`` only, to find where the forward's output was positive.
+    gamma, beta : array_like (C,) or None
+        The forward's (None: 1 and 0). beta is read with ``activation="relu"`` only, to find
+        where the forward's output was positive, and must then be given (None where the
+        forward had none); left out there, it raises TypeError.
     axis : int
     activation : {None, "relu"}
         The forward's. With "relu", g is dy where the forward's output was positive, else 0;
@@ -288,7 +291,8 @@ def merge_sums(sums: Iterable[GradSums]) -> GradSums:
 
 
 def backward_dx(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
-                sums: GradSums, gamma: ArrayLike | None = None, beta: ArrayLike | None = None,
+                sums: GradSums, gamma: ArrayLike | None = None,
+                beta: ArrayLike | None = FORWARD_BETA,
                 *, axis: int = 1, activation: ActivationName | None = None,
                 out: NDArray[Any] | None = None,
                 backend: BackendName | None = None) -> BackwardResult:

@@ -23,10 +23,10 @@ def _split_phases(x, axis, invstd):
 
     stats = phases.batch_stats(x, axis=axis, backend="numba")
     for activation in (None, "relu"):
-        sums = phases.backward_sums(x, x, stats.mean, invstd, axis=axis, activation=activation,
-                                    backend="numba")
-        phases.backward_dx(x, x, stats.mean, invstd, sums, axis=axis, activation=activation,
-                           backend="numba")
+        sums = phases.backward_sums(x, x, stats.mean, invstd, None, None, axis=axis,
+                                    activation=activation, backend="numba")
+        phases.backward_dx(x, x, stats.mean, invstd, sums, None, None, axis=axis,
+                           activation=activation, backend="numba")
 
 
 def precompile(dtypes=(np.float32, np.float64), log=None):

@@ -24,7 +24,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from ._common import (ActivationName, BackendName, BackwardResult, ForwardResult, XArray,
                       stats_dtype, update_running_stats)
-from ._validate import BackwardArgs, ForwardArgs, backward_args, forward_args
+from ._validate import FORWARD_BETA, BackwardArgs, ForwardArgs, backward_args, forward_args
 
 
 def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *,
@@ -42,7 +42,8 @@ def forward(x: ArrayLike, gamma: ArrayLike | None = None, beta: ArrayLike | None
 
 
 def backward(dy: ArrayLike, x: ArrayLike, mean: ArrayLike, invstd: ArrayLike,
-             gamma: ArrayLike | None = None, beta: ArrayLike | None = None, *, axis: int = 1,
+             gamma: ArrayLike | None = None, beta: ArrayLike | None = FORWARD_BETA, *,
+             axis: int = 1,
              training: bool = True, activation: ActivationName | None = None,
              out: NDArray[Any] | None = None,
              backend: BackendName | None = None) -> BackwardResult:
