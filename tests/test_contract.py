@@ -238,21 +238,26 @@ def test_read_only_and_list_inputs_are_accepted():
 
 def _param_forms(v):
     """v in every form a per-feature parameter may take: float32 and float64 are read as they
-    are, the rest converted. With v exact in float16, every form holds v's values."""
+    are, the rest converted. With v exact in bfloat16, every form holds v's values."""
     wide = np.repeat(v, 2)
     ro = v.astype(np.float32)
     ro.flags.writeable = False
-    return {"float32": v.astype(np.float32), "float16": v.astype(np.float16),
-            "big-endian float32": v.astype(">f4"), "strided": wide[::2],
-            "read-only float32": ro, "list": v.tolist()}
+    forms = {"float32": v.astype(np.float32), "float16": v.astype(np.float16),
+             "big-endian float32": v.astype(">f4"), "strided": wide[::2],
+             "read-only float32": ro, "list": v.tolist()}
+    try:
+        import ml_dtypes
+    except ImportError:  # the half extra is not installed
+        return forms
+    return {**forms, "bfloat16": v.astype(ml_dtypes.bfloat16)}
 
 
 @pytest.mark.parametrize("shape,axis", [((8, 6, 5), 1), ((7, 6), 1), ((4, 3, 6), -1)],
                          ids=["outer", "inner", "channels-last"])
 @pytest.mark.parametrize("relu", [None, "relu"], ids=["plain", "relu"])
 def test_every_parameter_form_gives_the_same_results(shape, axis, relu):
-    """gamma, beta, the running statistics, mean and invstd as float32, float16, big-endian,
-    strided, read-only or lists: the same bits as contiguous arrays of the same values (the
+    """gamma, beta, the running statistics, mean and invstd as float32, float16, bfloat16,
+    big-endian, strided, read-only or lists: the same bits as contiguous arrays of the same values (the
     Cython kernels convert float32 vectors themselves, NumPy the others; all exactly)."""
     C = shape[axis]
     x = make_x(shape, np.float32, seed=21)

@@ -125,6 +125,68 @@ def test_no_scale_no_bias_bfloat16_input_and_dtype():
         _close(s_o, s_t, str(fields), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("param_dtype", ["bfloat16", "float16"])
+def test_half_precision_parameters_as_flax(param_dtype):
+    """param_dtype bfloat16 or float16: scale, bias (and their gradients) in that dtype, as
+    Flax has them; fastbn reads such vectors in float32/float64 (bfloat16 has NumPy kind "V",
+    which the checks once refused)."""
+    x = _data((8, 3), 0)
+    fields = dict(use_running_average=False, param_dtype=jnp.dtype(param_dtype))
+    theirs = nn.BatchNorm(use_fast_variance=False, **fields)
+    ours = fastbn.flax.BatchNorm(**fields)
+    variables = theirs.init(jax.random.key(0), x)
+    variables = jax.tree_util.tree_map(lambda v: (v + 0.25).astype(v.dtype), variables)
+    _close(ours.init(jax.random.key(0), x), theirs.init(jax.random.key(0), x), "init")
+    (y_t, s_t), (y_o, s_o) = (m.apply(variables, x, mutable=["batch_stats"])
+                              for m in (theirs, ours))
+    assert y_o.dtype == y_t.dtype
+    np.testing.assert_allclose(np.asarray(y_o), np.asarray(y_t), rtol=1e-5, atol=1e-5)
+    _close(s_o, s_t, param_dtype, rtol=1e-5, atol=1e-6)
+
+    def loss(module, params):
+        return jnp.sin(module.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                    x, mutable=["batch_stats"])[0]).sum()
+
+    g_t, g_o = (jax.grad(loss, argnums=1)(m, variables["params"]) for m in (theirs, ours))
+    assert jax.tree_util.tree_map(lambda a: a.dtype, g_o) == \
+        jax.tree_util.tree_map(lambda a: a.dtype, g_t)
+    _close(g_o, g_t, "grads", rtol=2e-2, atol=2e-2)  # rounded to the half dtype
+
+
+def test_float64_batch_stats_under_x64_as_flax():
+    """Under x64 with float64 input, Flax's update promotes the float32 running statistics to
+    float64 (its batch statistics are float64); fastbn's must too, on every path (a scan or
+    jit carry that changed dtype with the batch size would fail)."""
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(1).normal(2.0, 3.0, (8, 3)))
+        for xb in (x, x[:1]):  # the kernels' path, and one value per feature
+            (y_t, s_t), (y_o, s_o) = (
+                m(use_running_average=False).apply(
+                    m(use_running_average=False).init(jax.random.key(0), xb), xb,
+                    mutable=["batch_stats"])
+                for m in (lambda **k: nn.BatchNorm(use_fast_variance=False, **k),
+                          fastbn.flax.BatchNorm))
+            assert jax.tree_util.tree_map(lambda a: a.dtype, s_o) == \
+                jax.tree_util.tree_map(lambda a: a.dtype, s_t), xb.shape
+            assert y_o.dtype == y_t.dtype
+            # Flax rounds momentum * running to the running statistics' float32 before the
+            # float64 sum; fastbn computes the update in float64 throughout
+            _close(s_o, s_t, f"batch {xb.shape[0]}", rtol=1e-7, atol=1e-9)
+
+
+def test_momentum_and_epsilon_as_jax_scalars_as_flax():
+    x = _data((6, 3), 2)
+    fields = dict(use_running_average=False, momentum=jnp.float32(0.9),
+                  epsilon=jnp.float32(1e-3))
+    theirs = nn.BatchNorm(use_fast_variance=False, **fields)
+    ours = fastbn.flax.BatchNorm(**fields)
+    variables = theirs.init(jax.random.key(0), x)
+    (y_t, s_t), (y_o, s_o) = (m.apply(variables, x, mutable=["batch_stats"])
+                              for m in (theirs, ours))
+    np.testing.assert_allclose(np.asarray(y_o), np.asarray(y_t), rtol=1e-5, atol=1e-5)
+    _close(s_o, s_t, "momentum 0.9", rtol=1e-6, atol=1e-7)
+
+
 def test_one_example_init_and_step_as_flax(forward_calls):
     """init on a single example (one value per feature) works as in Flax."""
     x = _data((1, 5), 0)

@@ -276,6 +276,22 @@ def test_bad_arguments_raise_while_tracing(kwargs, error, words, kernel_calls):
     assert kernel_calls["forward"] == 0
 
 
+def test_momentum_and_eps_as_jax_scalars():
+    """0-d JAX arrays (jnp.float32(0.9), as Flax and Keras users write them) are numbers;
+    traced ones are not, and say so."""
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(6, 3)), jnp.float32)
+    rm, rv = jnp.zeros(3), jnp.ones(3)
+    as_scalars = fastbn.jax.batch_norm(
+        x, running_mean=rm, running_var=rv, momentum=jnp.float32(0.25), eps=jnp.float32(1e-3))
+    as_floats = fastbn.jax.batch_norm(x, running_mean=rm, running_var=rv, momentum=0.25,
+                                      eps=float(np.float32(1e-3)))
+    for got, want in zip(as_scalars, as_floats):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    with pytest.raises(TypeError, match="momentum must be a concrete real number"):
+        jax.jit(lambda m: fastbn.jax.batch_norm(x, running_mean=rm, running_var=rv,
+                                                momentum=m))(0.25)
+
+
 def test_importing_fastbn_imports_no_framework_and_a_missing_one_names_the_extra():
     code = ("import sys, fastbn\n"
             "assert not {'jax', 'flax', 'keras'} & set(sys.modules), 'imported'\n"

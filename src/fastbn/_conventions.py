@@ -7,8 +7,9 @@ weight of the old value (a decay). The translation lives here, once, with no fra
 imported, and every adapter that imitates those layers uses it.
 """
 import math
-import numbers
 from typing import NamedTuple
+
+from ._validate import as_real
 
 
 class RunningUpdate(NamedTuple):
@@ -37,9 +38,7 @@ def decay_convention(decay):
     >>> decay_convention(0.99)
     RunningUpdate(momentum=0.010000000000000009, unbiased_running_var=False)
     """
-    if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
-        raise TypeError(f"momentum must be a real number, got {type(decay).__name__}")
-    decay = float(decay)
+    decay = as_real(decay, "momentum")
     if not (math.isfinite(decay) and 0.0 <= decay <= 1.0):
         raise ValueError(f"momentum must be in [0, 1], got {decay}")
     return RunningUpdate(1.0 - decay, False)

@@ -129,12 +129,17 @@ def _vector(value, name, C):
     float64 vector of length C: as given when it is one (the Cython kernels read float32 ones
     in C, cheaper than a NumPy conversion per call), else converted to float64."""
     arr = value if isinstance(value, np.ndarray) else _asarray_or_type_error(value, name)
-    if arr.dtype.kind != "f":
+    if not _floating(arr.dtype):
         raise TypeError(f"{name} must be a floating array, got dtype {arr.dtype}")
     if arr.shape != (C,):
         raise ValueError(f"{name} must have shape ({C},) to match x's feature axis, "
                          f"got {arr.shape}")
     return as_param(arr)
+
+
+def _floating(dtype):
+    """A real floating dtype: NumPy's, or bfloat16 from ml_dtypes (whose kind is "V")."""
+    return dtype.kind == "f" or is_half(dtype)
 
 
 def as_param(arr):
@@ -158,11 +163,29 @@ def _flag(value, name):
     return bool(value)
 
 
-def _real(value, name):
-    if type(value) is not float and (isinstance(value, (bool, np.bool_))
-                                     or not isinstance(value, numbers.Real)):
+def as_real(value, name):
+    """A real number as a float: Python's and NumPy's, and 0-d arrays of a real dtype (such as
+    ``jnp.float32(0.9)``, which Flax and Keras take for momentum and epsilon); not bools, and
+    not values traced by a JAX transform (they have no number yet)."""
+    if type(value) is float:
+        return value
+    if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    dtype = getattr(value, "dtype", None)
+    if getattr(value, "shape", None) == () and dtype is not None and (
+            np.dtype(dtype).kind in "fiu" or is_half(np.dtype(dtype))):
+        try:
+            return float(value)
+        except Exception as exc:  # JAX's ConcretizationTypeError for a traced value
+            raise TypeError(f"{name} must be a concrete real number, not a value traced by "
+                            f"a JAX transform ({type(value).__name__})") from exc
+    raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+
+
+def _real(value, name):
+    value = as_real(value, name)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
@@ -173,7 +196,7 @@ def _running(value, name, C):
     if not isinstance(value, np.ndarray):
         raise TypeError(f"{name} must be a NumPy array (it is updated in place), "
                         f"got {type(value).__name__}")
-    if value.dtype.kind != "f":
+    if not _floating(value.dtype):
         raise TypeError(f"{name} must be a floating array, got dtype {value.dtype}")
     if value.shape != (C,):
         raise ValueError(f"{name} must have shape ({C},) to match x's feature axis, "

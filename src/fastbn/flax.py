@@ -174,6 +174,12 @@ class BatchNorm(nn.Module):
             scale = None if scale is None else jnp.asarray(scale, self.param_dtype)
             bias = None if bias is None else jnp.asarray(bias, self.param_dtype)
         out_dtype = _flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+        # Flax's batch statistics are in x's dtype (or ``dtype``), at least float32 with
+        # force_float32_reductions, and its update promotes the running ones to that
+        batch_dtype = jnp.result_type(x) if self.dtype is None else jnp.dtype(self.dtype)
+        if self.force_float32_reductions:
+            batch_dtype = jnp.promote_types(batch_dtype, jnp.float32)
+        updated_dtype = jnp.result_type(ra_mean.value, batch_dtype)
         # Flax computes in at least float32 (its statistics are float32) and casts at the end
         compute_dtype = jnp.result_type(x.dtype, stats_dtype, *(
             p.dtype for p in (scale, bias) if p is not None))
@@ -200,9 +206,9 @@ class BatchNorm(nn.Module):
             y = _fastbn_jax.batch_norm(x, scale, bias, axis=axis, eps=self.epsilon).y
         else:
             y, ra_mean.value, ra_var.value = _fastbn_jax.batch_norm(
-                x, scale, bias, axis=axis, running_mean=ra_mean.value,
-                running_var=ra_var.value, momentum=update.momentum, eps=self.epsilon,
-                unbiased_running_var=update.unbiased_running_var)
+                x, scale, bias, axis=axis, running_mean=ra_mean.value.astype(updated_dtype),
+                running_var=ra_var.value.astype(updated_dtype), momentum=update.momentum,
+                eps=self.epsilon, unbiased_running_var=update.unbiased_running_var)
         return jnp.asarray(y, out_dtype)
 
 
