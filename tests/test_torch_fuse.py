@@ -169,6 +169,29 @@ def test_fuse_relu_on_a_resnet_style_model(memory_format, monkeypatch):
     torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
+def test_a_fused_traced_model_pickles_and_reloads():
+    """fuse_relu traces models with torch.fx; torch.save / torch.load of the result rebuilds
+    the tracer with no arguments, which fastbn's tracer once required."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    fused = fbt.fuse_relu(_randomize(Net()))
+    assert any(type(m).__name__ == "BatchNormReLU2d" for m in fused.modules())
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    reloaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    for copied in (reloaded, copy.deepcopy(fused)):
+        copied.eval()
+        fused.eval()
+        torch.testing.assert_close(copied(x), fused(x), rtol=0, atol=0)
+        fused_layers = [n for n, m in fused.named_modules() if isinstance(m, fbt.BatchNormReLU2d)]
+        assert fused_layers and fused_layers == [
+            n for n, m in copied.named_modules() if isinstance(m, fbt.BatchNormReLU2d)]
+
+
 def test_untraceable_module_warns_and_keeps_its_batchnorm():
     model = nn.Sequential(Branchy(3), nn.Conv2d(3, 3, 1))
     with pytest.warns(UserWarning, match=r"0 \(Branchy\) cannot be traced.*\['bn'\]"):

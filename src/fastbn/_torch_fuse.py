@@ -35,9 +35,11 @@ def fuse_relu(model, batchnorm_types, fused_for):
 class _LeafTracer(torch.fx.Tracer):
     """fx's tracer, with BatchNorms (fastbn's included) kept as calls of their module."""
 
-    def __init__(self, leaves):
+    def __init__(self, leaves=()):
+        # leaves may be left out: torch.load rebuilds a traced module's tracer class with
+        # no arguments (a pickled fused model); it traces nothing then
         super().__init__()
-        self._leaves = leaves
+        self._leaves = tuple(leaves)
 
     def is_leaf_module(self, m, qualname):
         return isinstance(m, self._leaves) or super().is_leaf_module(m, qualname)
