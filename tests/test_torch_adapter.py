@@ -322,3 +322,45 @@ def test_running_statistics_with_and_without_autograd(momentum, grad):
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x))
     assert ours.num_batches_tracked == theirs.num_batches_tracked == 2
+
+
+def _layouts():
+    """Inputs whose output layout PyTorch decides: transposed and permuted (dense, not
+    channels-last: the output is contiguous), sliced, channels-last (2-D and 3-D)."""
+    g = torch.Generator().manual_seed(11)
+    nchw = torch.randn(4, 3, 6, 5, generator=g)
+    return {
+        "transposed NC": torch.randn(7, 4, generator=g).t(),
+        "permuted dense NHCW": nchw.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3),
+        "sliced height": nchw[:, :, ::2],
+        "channels_last": nchw.contiguous(memory_format=torch.channels_last),
+        "channels_last sliced": nchw.contiguous(memory_format=torch.channels_last)[:, :, ::2],
+        "channels_last_3d": torch.randn(2, 3, 4, 5, 2, generator=g).contiguous(
+            memory_format=torch.channels_last_3d),
+    }
+
+
+@pytest.mark.parametrize("name", list(_layouts()))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_output_strides_are_torchs(name, training, grad):
+    """The output's memory format is the one PyTorch's kernel gives (what the input's strides
+    suggest), not the input's own order: for a transposed or permuted input PyTorch's
+    output is contiguous, and code that views it must work on fastbn's too."""
+    x = _layouts()[name].requires_grad_(grad)
+    C = x.shape[1]
+    ours = {1: fbt.BatchNorm1d, 2: fbt.BatchNorm1d, 4: fbt.BatchNorm2d, 5: fbt.BatchNorm3d}
+    theirs = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
+              5: torch.nn.BatchNorm3d}
+    m_ours, m_theirs = ours[x.dim()](C).train(training), theirs[x.dim()](C).train(training)
+    y_ours, y_theirs = m_ours(x), m_theirs(x)
+    assert y_ours.stride() == y_theirs.stride(), name
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-5, atol=1e-5)
+    y_f = fbt.batch_norm(x, None if training else m_ours.running_mean,
+                         None if training else m_ours.running_var, training=training)
+    assert y_f.stride() == y_theirs.stride(), name
+    if grad:
+        dy = torch.randn_like(y_theirs)
+        (dx_ours,), (dx_theirs,) = (torch.autograd.grad(y, x, dy) for y in (y_ours, y_theirs))
+        assert dx_ours.stride() == dx_theirs.stride(), name
+        torch.testing.assert_close(dx_ours, dx_theirs, rtol=1e-4, atol=1e-5)

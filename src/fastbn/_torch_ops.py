@@ -29,6 +29,7 @@ differentiated: double backward raises.
 """
 import numpy as np
 import torch
+from torch._prims_common import suggest_memory_format
 
 from . import _backends, api
 
@@ -63,6 +64,18 @@ def _param(tensor):
     return as_numpy(tensor if tensor.dtype in FLOATS else tensor.float())
 
 
+def output_like(x):
+    """An empty output (or dx) for batch_norm of x, in the memory format PyTorch's kernel
+    gives it: x's own where x is contiguous or channels-last (also where size-1 dimensions
+    make that ambiguous, as PyTorch), else what x's strides suggest: contiguous for a
+    transposed or otherwise permuted x, where empty_like would keep x's order and code that
+    views PyTorch's output would fail on fastbn's."""
+    if x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)) \
+            or (x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)):
+        return torch.empty_like(x)  # (the common case, without suggest_memory_format's 2 us)
+    return torch.empty_like(x, memory_format=suggest_memory_format(x))
+
+
 def _forward(x, weight, bias, running_mean, running_var, training, eps, relu, momentum=None,
              saved=True):
     """(y, mean, invstd, batch_mean, batch_var). With ``momentum`` (in [0, 1], float32/float64
@@ -72,7 +85,7 @@ def _forward(x, weight, bias, running_mean, running_var, training, eps, relu, mo
     needs them for the update."""
     C = x.shape[1]
     sdtype = stats_dtype(x.dtype)
-    y = torch.empty_like(x, memory_format=torch.preserve_format)
+    y = output_like(x)
     batch = (np.zeros(C), np.zeros(C))
     if x.numel() == 0:  # as PyTorch: an empty output (and no update of the statistics)
         return (y, torch.zeros(C, dtype=sdtype), torch.zeros(C, dtype=sdtype),
@@ -106,7 +119,7 @@ def _backward(dy, x, mean, invstd, weight, bias, training, relu):
     if x.numel() == 0:
         return (torch.zeros_like(x, memory_format=torch.preserve_format),
                 torch.zeros(C, dtype=pdtype), torch.zeros(C, dtype=pdtype))
-    dx = torch.empty_like(x, memory_format=torch.preserve_format)
+    dx = output_like(x)
     _, dgamma, dbeta = api.backward(as_numpy(dy), as_numpy(x), as_numpy(mean),
                                     as_numpy(invstd), _param(weight), _param(bias), axis=1,
                                     training=training, activation="relu" if relu else None,
@@ -154,7 +167,7 @@ def batch_norm_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
 @batch_norm_op.register_fake
 def _(x, weight, bias, running_mean, running_var, training, eps, relu):
     C, sdtype = x.shape[1], stats_dtype(x.dtype)
-    return (torch.empty_like(x, memory_format=torch.preserve_format),
+    return (output_like(x),
             x.new_empty((C,), dtype=sdtype), x.new_empty((C,), dtype=sdtype),
             x.new_empty((C,), dtype=torch.float64), x.new_empty((C,), dtype=torch.float64))
 
@@ -198,7 +211,7 @@ def batch_norm_backward_op(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor
 def _(dy, x, mean, invstd, weight, bias, training, relu):
     C = x.shape[1]
     pdtype = weight.dtype if weight is not None else stats_dtype(x.dtype)
-    return (torch.empty_like(x, memory_format=torch.preserve_format),
+    return (output_like(x),
             x.new_empty((C,), dtype=pdtype), x.new_empty((C,), dtype=pdtype))
 
 
@@ -295,7 +308,7 @@ class _EagerNode(torch.autograd.Function):
                                      torch.from_numpy(ctx.invstd), weight, bias, ctx.training,
                                      ctx.relu)
         else:
-            dx = torch.empty_like(x, memory_format=torch.preserve_format)
+            dx = output_like(x)
             result = _call_backward(dy, x, ctx.mean, ctx.invstd, weight, bias, ctx.training,
                                     ctx.relu, dx)
             if result is None:  # dy strided unlike x, say: the Python path
@@ -336,7 +349,7 @@ def call_path_batch_norm(x, weight, bias, running_mean, running_var, training, m
     updated in training, or None, with nothing written, where the call path does not serve
     the call (dtypes, layouts or values it does not take; every invalid call among them).
     ``x`` is a plain CPU tensor outside traced code and transforms."""
-    y = torch.empty_like(x, memory_format=torch.preserve_format)
+    y = output_like(x)
     result = _call_forward(x, y, weight, bias, running_mean, running_var, training, momentum,
                            eps, relu)
     if result is None:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from . import _sync
+from . import _sync, _torch_ops
 
 _DTYPES = (torch.float32, torch.float64)
 #: What convert_sync_batchnorm replaces: plain batch norms (fastbn's BatchNorm1d/2d/3d are
@@ -65,7 +65,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 features):
         tensors = (x, weight, bias, running_mean, running_var)
         error = _unsupported(tensors)
-        y = torch.empty_like(x, memory_format=torch.preserve_format)
+        y = _torch_ops.output_like(x)
         if error is None:
             args = [_numpy(t) for t in tensors] + [y.numpy()]
         else:  # still takes part in the header collective, and raises there
@@ -85,7 +85,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         mean64, invstd = ctx.stats
         error = _unsupported((dy,))
-        dx = torch.empty_like(x, memory_format=torch.preserve_format)
+        dx = _torch_ops.output_like(x)
         if error is None and dy.dtype != x.dtype:
             dy = dy.to(x.dtype)
         _, dgamma, dbeta = _sync.backward(
