@@ -131,6 +131,19 @@ def check_bad_input_raises_everywhere():
     assert not bn.running_mean.any()
 
 
+def check_layers_that_disagree_raise_everywhere():
+    """Layers of other num_features on the ranks (different models): all_gather of vectors of
+    other lengths would abort the processes (gloo); every rank raises instead, once."""
+    bn = fbt.SyncBatchNorm(3 + RANK)
+    try:
+        bn(torch.randn(4, 3 + RANK, 2))
+    except ValueError as exc:
+        assert "disagree on num_features (3, 4, 5" in str(exc), str(exc)
+    else:
+        raise AssertionError("no error")
+    assert not bn.running_mean.any() and int(bn.num_batches_tracked) == 1
+
+
 def check_single_process_group():
     solo = dist.new_group([0])  # every rank creates it; rank 0 uses it
     if RANK == 0:
@@ -153,6 +166,7 @@ def main():
             check_layer((10, 4, 5, 6), dtype, loc, scale, torch.channels_last, empty_rank)
         check_ddp_training()
         check_bad_input_raises_everywhere()
+        check_layers_that_disagree_raise_everywhere()
         check_single_process_group()
         dist.barrier()
     except BaseException:  # noqa: BLE001 - report, then exit nonzero

@@ -666,3 +666,29 @@ def test_eps_messages_and_running_statistics_in_pairs():
         fbt.batch_norm(x, torch.zeros(3), None, training=True)
     with pytest.raises(RuntimeError, match="running_mean must be defined"):
         fbt.batch_norm(x, None, None, training=False)
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_wrong_channel_count_names_what_pytorch_names(channels):
+    """A module of 3 features given another number of channels: PyTorch checks the running
+    statistics first, then weight and bias; the message names the same tensor."""
+    x = torch.randn(4, channels + 1, 2, 2)
+    messages = []
+    for m in (nn.BatchNorm2d(channels), fbt.BatchNorm2d(channels),
+              nn.BatchNorm2d(channels, track_running_stats=False),
+              fbt.BatchNorm2d(channels, track_running_stats=False)):
+        with pytest.raises(RuntimeError) as info:
+            m(x)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1] and messages[2] == messages[3], messages
+
+
+@pytest.mark.parametrize("momentum", [None, "0.1"])
+def test_functional_momentum_of_the_wrong_type_raises_pytorchs_error(momentum):
+    x = torch.randn(4, 3)
+    errors = []
+    for fn in (F.batch_norm, fbt.batch_norm):
+        with pytest.raises(TypeError) as info:
+            fn(x, torch.zeros(3), torch.ones(3), training=True, momentum=momentum)
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]

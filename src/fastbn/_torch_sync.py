@@ -39,6 +39,18 @@ class TorchCommunicator:
         return recv.numpy()
 
 
+def _agree_on_features(comm, features):
+    """Raise on every rank where the ranks' layers disagree on num_features. The layers'
+    collectives carry 3 * num_features values; torch.distributed's all_gather of vectors of
+    other lengths does not raise but aborts the process (gloo), so the lengths are compared
+    first, once per layer and group, in a collective of one value."""
+    counts = comm.allgather(np.array([float(features)]))[:, 0]
+    if np.any(counts != counts[0]):
+        raise ValueError(f"fastbn.torch.SyncBatchNorm: the ranks' layers disagree on "
+                         f"num_features ({', '.join(str(int(c)) for c in counts)} by rank); "
+                         f"every rank must run the same model")
+
+
 def _numpy(tensor):
     return None if tensor is None else tensor.detach().numpy()
 
@@ -144,6 +156,9 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype, bias=bias)
         self.process_group = process_group
+        #: id() of the process group whose ranks were found to agree on num_features (see
+        #: _agree_on_features), checked once per group on the first synchronized call.
+        self._features_agreed = None
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
@@ -176,9 +191,13 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
 
             return batch_norm(input, running_mean, running_var, self.weight, self.bias,
                               bn_training, factor, self.eps)
+        comm = TorchCommunicator(group)
+        if getattr(self, "_features_agreed", None) != id(group):
+            _agree_on_features(comm, self.num_features)
+            self._features_agreed = id(group)
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean,
                                             running_var, float(factor), float(self.eps),
-                                            TorchCommunicator(group), self.num_features)
+                                            comm, self.num_features)
 
 
 def convert_sync_batchnorm(module, process_group=None):

@@ -45,6 +45,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
                       "release, torch==2.13.0)") from exc
 
 import importlib.util
+import numbers
 
 import torch.autograd.forward_ad as _forward_ad
 
@@ -122,8 +123,8 @@ def _check(input, running_mean, running_var, weight, bias, training, eps):
         raise ValueError("running_mean and running_var must either both be None or neither "
                          "be None")
     C = input.shape[1]
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
-                    ("running_var", running_var)):
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):  # PyTorch's order
         if t is not None and t.numel() != C:
             raise BatchNormArgumentError(f"{name} should contain {C} elements not {t.numel()}")
         if t is not None and t.dim() != 1:
@@ -205,6 +206,9 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     >>> bool(torch.allclose(y, ref))
     True
     """
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):  # PyTorch's words
+        raise TypeError(f"batch_norm(): argument 'momentum' (position 7) must be float, not "
+                        f"{type(momentum).__name__}")
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        False)
 
