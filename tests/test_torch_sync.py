@@ -1,5 +1,7 @@
 """fastbn.torch.SyncBatchNorm without a process group (a plain batch norm, as PyTorch's) and
 convert_sync_batchnorm. The synchronized path runs in test_distributed.py (gloo group)."""
+import warnings
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -52,7 +54,8 @@ def test_convert_sync_batchnorm_keeps_state_and_parameters():
     single = fbt.convert_sync_batchnorm(torch.nn.BatchNorm2d(5))
     assert type(single) is fbt.SyncBatchNorm
     fused = fbt.BatchNormReLU2d(4)  # a fused activation would be lost: left alone
-    assert fbt.convert_sync_batchnorm(torch.nn.Sequential(fused))[0] is fused
+    with pytest.warns(UserWarning, match=r"unsynchronized \(0\)"):
+        assert fbt.convert_sync_batchnorm(torch.nn.Sequential(fused))[0] is fused
 
 
 def test_doctests():
@@ -62,3 +65,24 @@ def test_doctests():
 
     result = doctest.testmod(fastbn._torch_sync)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_convert_after_fuse_relu_warns_and_names_the_unsynchronized_layers():
+    """Fused BatchNormReLU layers cannot be synchronized (their activation would be lost):
+    convert_sync_batchnorm leaves them, and says which, instead of staying silent; converted
+    first, fuse_relu keeps the synchronized layers unfused."""
+    def net():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                   torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 1),
+                                   torch.nn.BatchNorm2d(4))
+
+    fused = fbt.fuse_relu(net())
+    with pytest.warns(UserWarning, match=r"left 1 fused BatchNormReLU layer\(s\) "
+                                         r"unsynchronized \(1\)"):
+        converted = fbt.convert_sync_batchnorm(fused)
+    kinds = [type(m).__name__ for m in converted]
+    assert kinds[1] == "BatchNormReLU2d" and kinds[-1] == "SyncBatchNorm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first = fbt.fuse_relu(fbt.convert_sync_batchnorm(net()))
+    assert [type(m).__name__ for m in first].count("SyncBatchNorm") == 2

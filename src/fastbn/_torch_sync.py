@@ -9,6 +9,8 @@ rejects any instance of it on the CPU; this class therefore derives from
 (:mod:`fastbn._sync`): exact merged statistics, bit-identical on every rank, one small
 collective per pass.
 """
+import warnings
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -204,7 +206,8 @@ def convert_sync_batchnorm(module, process_group=None):
     """Replace every batch-norm layer of ``module`` by a :class:`SyncBatchNorm`, state kept.
 
     BatchNorm1d/2d/3d (torch's and fastbn's) and ``torch.nn.SyncBatchNorm`` are replaced
-    (fastbn's BatchNormReLU layers are left alone: their activation would be lost),
+    (fastbn's BatchNormReLU layers are left alone, with a warning: their activation would be
+    lost; convert before :func:`fuse_relu`),
     recursively, by :class:`SyncBatchNorm` layers sharing their parameters and buffers
     (weight, bias, running statistics, num_batches_tracked) and train/eval mode, as
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does. Call it before wrapping the model
@@ -230,6 +233,22 @@ def convert_sync_batchnorm(module, process_group=None):
     >>> type(net[1]).__name__
     'SyncBatchNorm'
     """
+    skipped = []
+    output = _convert(module, process_group, "", skipped)
+    if skipped:
+        warnings.warn(f"convert_sync_batchnorm left {len(skipped)} fused BatchNormReLU layer(s) "
+                      f"unsynchronized ({', '.join(skipped)}): they normalize with their own "
+                      f"process's batch statistics. Call convert_sync_batchnorm before "
+                      f"fuse_relu, which keeps synchronized layers unfused.", stacklevel=2)
+    return output
+
+
+def _convert(module, process_group, path, skipped):
+    """convert_sync_batchnorm of ``module`` (named ``path``); the names of fused layers it
+    leaves alone go to ``skipped``."""
+    if getattr(module, "_relu", False) is True:  # fastbn.torch's BatchNormReLU layers
+        skipped.append(path or type(module).__name__)
+        return module
     output = module
     if isinstance(module, _CONVERTED):
         output = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
@@ -246,6 +265,7 @@ def convert_sync_batchnorm(module, process_group=None):
         if hasattr(module, "qconfig"):
             output.qconfig = module.qconfig
     for name, child in module.named_children():
-        output.add_module(name, convert_sync_batchnorm(child, process_group))
+        output.add_module(name, _convert(child, process_group,
+                                         f"{path}.{name}" if path else name, skipped))
     del module
     return output
