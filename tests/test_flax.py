@@ -215,6 +215,18 @@ def test_exact_variance_on_large_mean_data():
     assert errors["fastbn"] < 1e-6 < 1e-1 < errors["fast"], errors
 
 
+@pytest.mark.parametrize("key", ["mean", "var"])
+@pytest.mark.parametrize("use_running_average", [False, True])
+def test_batch_stats_of_another_shape_are_named(key, use_running_average):
+    x = _data((4, 3), 0)
+    bn = fastbn.flax.BatchNorm(use_running_average=use_running_average)
+    variables = bn.init(jax.random.key(0), x)
+    stats = dict(variables["batch_stats"], **{key: jnp.zeros(4)})
+    with pytest.raises(ValueError, match=rf"batch_stats\['{key}'\] must have shape \(3,\)"):
+        bn.apply({"params": variables["params"], "batch_stats": stats}, x,
+                 mutable=["batch_stats"])
+
+
 @pytest.mark.parametrize("build,call,error,words", [
     (dict(), dict(), ValueError, "use_running_average"),
     (dict(use_running_average=True), dict(use_running_average=True), ValueError,

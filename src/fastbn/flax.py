@@ -166,6 +166,13 @@ class BatchNorm(nn.Module):
                                 lambda s: jnp.zeros(s, stats_dtype), feature_shape)
         ra_var = self.variable("batch_stats", "var",
                                lambda s: jnp.ones(s, stats_dtype), feature_shape)
+        # (batch_stats of another model, say: named as the user knows them, not as the
+        # running statistics of fastbn.jax further down)
+        for key, variable in (("mean", ra_mean), ("var", ra_var)):
+            if tuple(variable.value.shape) != tuple(feature_shape):
+                raise ValueError(f"batch_stats['{key}'] must have shape "
+                                 f"{tuple(feature_shape)} to match x's feature axis, got "
+                                 f"{tuple(variable.value.shape)}")
         scale = (self.param("scale", self.scale_init, feature_shape, self.param_dtype)
                  if self.use_scale else None)
         bias = (self.param("bias", self.bias_init, feature_shape, self.param_dtype)

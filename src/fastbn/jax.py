@@ -18,8 +18,10 @@ copy, and under ``vmap`` the kernels run once per batch element (``vmap_method=
 "sequential"``). Every argument is checked while tracing, with :func:`fastbn.forward`'s own
 messages, so a bad argument raises a ``TypeError``/``ValueError`` at the call, not an error
 inside XLA.
-- every argument is checked while tracing, with :func:`fastbn.forward`'s own messages, so a bad
-  argument raises a ``TypeError``/``ValueError`` at the call, not an error inside XLA.
+
+It differentiates in reverse mode (``grad``, ``vjp``), once: ``jvp`` and ``jacfwd`` raise JAX's
+error for a ``custom_vjp``, and ``hessian`` JAX's error for an FFI call that cannot be
+differentiated.
 
 Flax and Keras layers built on this module are :mod:`fastbn.flax` and :mod:`fastbn.keras`.
 """

@@ -8,7 +8,7 @@ means inference mode, and float16/bfloat16 inputs are computed in float32, as in
 
 The backend is Keras' (``KERAS_BACKEND``, chosen before ``keras`` is first imported):
 
-- **jax**: :func:`fastbn.jax.batch_norm` (a ``pure_callback`` with a custom VJP), under
+- **jax**: :func:`fastbn.jax.batch_norm` (an XLA FFI call with a custom VJP), under
   ``jit`` and Keras' stateless training;
 - **torch**: :func:`fastbn.torch.batch_norm` and its autograd function (CPU tensors); the batch
   statistics for the moving averages come from the same call (momentum 1 into scratch
