@@ -46,6 +46,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 import importlib.util
 import numbers
+import warnings
 
 import torch.autograd.forward_ad as _forward_ad
 
@@ -150,6 +151,23 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
             momentum if batches is None else 1.0 / float(batches), eps, relu)
         if y is not None:
             return y
+    args = (input, running_mean, running_var, weight, bias, training, momentum, eps, relu,
+            batches)
+    if torch._C._get_tracing_state() is not None:
+        # Under torch.jit.trace sizes are traced values: the checks and branches below would
+        # each warn that the trace keeps their outcome. It may, as for PyTorch's own checks
+        # (in C++, unseen by the tracer): the parameters fix the features, and the trace
+        # records the custom operators.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return _checked_batch_norm(*args)
+    return _checked_batch_norm(*args)
+
+
+def _checked_batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                        relu, batches):
+    """_batch_norm's Python path: PyTorch's kernel where fastbn's cannot run, else PyTorch's
+    checks, then fastbn's operators."""
     tensors = (weight, bias, running_mean, running_var)
     if not _fastbn_can_run(input, tensors) or (
             not training and (running_mean is None or running_var is None or eps == 0.0)):
