@@ -144,6 +144,17 @@ def check_layers_that_disagree_raise_everywhere():
     assert not bn.running_mean.any() and int(bn.num_batches_tracked) == 1
 
 
+def check_wrong_channel_count_raises_pytorchs_error():
+    """Every rank feeds 4 channels to layers of 3: PyTorch's words, on every rank."""
+    bn = fbt.SyncBatchNorm(3)
+    try:
+        bn(torch.randn(4, 4, 2))
+    except RuntimeError as exc:
+        assert "running_mean should contain 4 elements not 3" in str(exc), str(exc)
+    else:
+        raise AssertionError("no error")
+
+
 def check_single_process_group():
     solo = dist.new_group([0])  # every rank creates it; rank 0 uses it
     if RANK == 0:
@@ -167,6 +178,7 @@ def main():
         check_ddp_training()
         check_bad_input_raises_everywhere()
         check_layers_that_disagree_raise_everywhere()
+        check_wrong_channel_count_raises_pytorchs_error()
         check_single_process_group()
         dist.barrier()
     except BaseException:  # noqa: BLE001 - report, then exit nonzero

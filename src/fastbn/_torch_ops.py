@@ -39,6 +39,25 @@ HALF = (torch.float16, torch.bfloat16)
 FLOATS = (torch.float32, torch.float64)
 
 
+class BatchNormArgumentError(RuntimeError, ValueError):
+    """A wrong-size or mismatched argument: a RuntimeError as PyTorch raises for it, and a
+    ValueError as fastbn's NumPy API raises for it."""
+
+
+def size_error(x, running_mean, running_var, weight, bias):
+    """PyTorch's error for a per-feature tensor whose size is not x's channel count (checked
+    in PyTorch's order and words), or None."""
+    C = x.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        if t is not None and t.numel() != C:
+            return BatchNormArgumentError(f"{name} should contain {C} elements not {t.numel()}")
+        if t is not None and t.dim() != 1:
+            return BatchNormArgumentError(f"{name} must be a vector of {C} elements, got shape "
+                                          f"{tuple(t.shape)}")
+    return None
+
+
 def stats_dtype(dtype):
     """dtype of mean/invstd for x of ``dtype``: float64 for float64, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32

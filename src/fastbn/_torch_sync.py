@@ -78,7 +78,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, comm,
                 features):
         tensors = (x, weight, bias, running_mean, running_var)
-        error = _unsupported(tensors)
+        error = _unsupported(tensors) or _torch_ops.size_error(x, running_mean, running_var,
+                                                               weight, bias)
         y = _torch_ops.output_like(x)
         if error is None:
             args = [_numpy(t) for t in tensors] + [y.numpy()]

@@ -52,7 +52,7 @@ import torch.autograd.forward_ad as _forward_ad
 
 from . import api  # noqa: F401  (tests spy on fastbn.torch.api.forward)
 from . import _torch_fuse, _torch_ops
-from ._torch_ops import FLOATS, HALF
+from ._torch_ops import FLOATS, HALF, BatchNormArgumentError
 from ._torch_sync import SyncBatchNorm, convert_sync_batchnorm
 
 __all__ = [
@@ -73,11 +73,6 @@ __all__ = [
 
 #: bfloat16 tensors reach fastbn as ml_dtypes arrays; without ml_dtypes they run on PyTorch's.
 _HAS_ML_DTYPES = importlib.util.find_spec("ml_dtypes") is not None
-
-
-class BatchNormArgumentError(RuntimeError, ValueError):
-    """A wrong-size or mismatched argument: a RuntimeError as PyTorch raises for it, and a
-    ValueError as fastbn's NumPy API raises for it."""
 
 
 def _under_transform():
@@ -123,14 +118,9 @@ def _check(input, running_mean, running_var, weight, bias, training, eps):
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither "
                          "be None")
-    C = input.shape[1]
-    for name, t in (("running_mean", running_mean), ("running_var", running_var),
-                    ("weight", weight), ("bias", bias)):  # PyTorch's order
-        if t is not None and t.numel() != C:
-            raise BatchNormArgumentError(f"{name} should contain {C} elements not {t.numel()}")
-        if t is not None and t.dim() != 1:
-            raise BatchNormArgumentError(f"{name} must be a vector of {C} elements, got shape "
-                                         f"{tuple(t.shape)}")
+    error = _torch_ops.size_error(input, running_mean, running_var, weight, bias)
+    if error is not None:
+        raise error
 
 
 def _prod(values):
