@@ -86,6 +86,36 @@ def make_net(seed):
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(6, 2)).double()
 
 
+def check_fused_relu_layer(empty_rank):
+    """SyncBatchNormReLU: relu(batch norm) of the whole batch (output, running statistics,
+    input and parameter gradients), one rank's slice each, one of them empty."""
+    gen = torch.Generator().manual_seed(5)
+    x = 0.3 + torch.randn(10, 3, 4, generator=gen, dtype=torch.float64)
+    dy = torch.randn(10, 3, 4, generator=gen, dtype=torch.float64)
+    ref = torch.nn.BatchNorm1d(3, dtype=torch.float64)
+    sync = fbt.SyncBatchNormReLU(3, dtype=torch.float64)
+    with torch.no_grad():
+        for layer in (ref, sync):
+            layer.weight.copy_(torch.tensor([1.5, -0.5, 1.0]))
+            layer.bias.copy_(torch.tensor([0.2, 0.1, -0.3]))
+    xr = x.clone().requires_grad_(True)
+    y_ref = torch.relu(ref(xr))
+    y_ref.backward(dy)
+    s = slices(10, empty_rank)[RANK]
+    xs = x[s].clone().requires_grad_(True)
+    y = sync(xs)
+    y.backward(dy[s])
+    what = f"rank {RANK}: SyncBatchNormReLU empty={empty_rank}"
+    assert torch.allclose(y, y_ref.detach()[s], rtol=1e-12, atol=1e-12), what
+    assert torch.allclose(xs.grad, xr.grad[s], rtol=1e-10, atol=1e-12), what
+    for name in ("running_mean", "running_var"):
+        assert torch.allclose(getattr(sync, name), getattr(ref, name), rtol=1e-12), name
+    grads = torch.stack([sync.weight.grad, sync.bias.grad])
+    dist.all_reduce(grads)  # each rank holds its share
+    assert torch.allclose(grads[0], ref.weight.grad, rtol=1e-10, atol=1e-12), what
+    assert torch.allclose(grads[1], ref.bias.grad, rtol=1e-10, atol=1e-12), what
+
+
 def check_ddp_training():
     """DDP with fastbn's SyncBatchNorm on the CPU, uneven slices, a few SGD steps: the same
     parameters as one process training on the whole batch with torch's BatchNorm2d."""
@@ -175,6 +205,8 @@ def main():
                 check_layer(shape, dtype, loc, scale, torch.contiguous_format, empty_rank)
         for dtype, loc, scale, empty_rank in cases:
             check_layer((10, 4, 5, 6), dtype, loc, scale, torch.channels_last, empty_rank)
+        for empty_rank in (None, 1):
+            check_fused_relu_layer(empty_rank)
         check_ddp_training()
         check_bad_input_raises_everywhere()
         check_layers_that_disagree_raise_everywhere()

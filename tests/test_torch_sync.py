@@ -53,9 +53,11 @@ def test_convert_sync_batchnorm_keeps_state_and_parameters():
         torch.testing.assert_close(after[key], before[key])
     single = fbt.convert_sync_batchnorm(torch.nn.BatchNorm2d(5))
     assert type(single) is fbt.SyncBatchNorm
-    fused = fbt.BatchNormReLU2d(4)  # a fused activation would be lost: left alone
-    with pytest.warns(UserWarning, match=r"unsynchronized \(0\)"):
-        assert fbt.convert_sync_batchnorm(torch.nn.Sequential(fused))[0] is fused
+    fused = fbt.BatchNormReLU2d(4)  # a fused layer becomes a fused synchronized one
+    fused.running_var.fill_(2.0)
+    converted = fbt.convert_sync_batchnorm(torch.nn.Sequential(fused))[0]
+    assert type(converted) is fbt.SyncBatchNormReLU
+    assert converted.weight is fused.weight and converted.running_var is fused.running_var
 
 
 def test_doctests():
@@ -67,22 +69,31 @@ def test_doctests():
     assert result.failed == 0 and result.attempted > 0
 
 
-def test_convert_after_fuse_relu_warns_and_names_the_unsynchronized_layers():
-    """Fused BatchNormReLU layers cannot be synchronized (their activation would be lost):
-    convert_sync_batchnorm leaves them, and says which, instead of staying silent; converted
-    first, fuse_relu keeps the synchronized layers unfused."""
+def test_fused_layers_convert_either_way_and_match_batchnormrelu_alone():
+    """convert_sync_batchnorm turns fastbn's fused layers into SyncBatchNormReLU, and
+    fuse_relu fuses SyncBatchNorm + ReLU into one: both orders give the same model. Without
+    a process group the fused synchronized layer is BatchNormReLU (outputs, running
+    statistics, gradients), on fastbn's kernels."""
     def net():
+        torch.manual_seed(0)
         return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
                                    torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 1),
                                    torch.nn.BatchNorm2d(4))
 
-    fused = fbt.fuse_relu(net())
-    with pytest.warns(UserWarning, match=r"left 1 fused BatchNormReLU layer\(s\) "
-                                         r"unsynchronized \(1\)"):
-        converted = fbt.convert_sync_batchnorm(fused)
-    kinds = [type(m).__name__ for m in converted]
-    assert kinds[1] == "BatchNormReLU2d" and kinds[-1] == "SyncBatchNorm"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        first = fbt.fuse_relu(fbt.convert_sync_batchnorm(net()))
-    assert [type(m).__name__ for m in first].count("SyncBatchNorm") == 2
+        fuse_first = fbt.convert_sync_batchnorm(fbt.fuse_relu(net()))
+        convert_first = fbt.fuse_relu(fbt.convert_sync_batchnorm(net()))
+    kinds = ["Conv2d", "SyncBatchNormReLU", "Identity", "Conv2d", "SyncBatchNorm"]
+    assert [type(m).__name__ for m in fuse_first] == kinds
+    assert [type(m).__name__ for m in convert_first] == kinds
+    alone = fbt.fuse_relu(fbt.convert(net()))  # every layer on fastbn's kernels
+    x = torch.randn(6, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    outs = [m(x) for m in (fuse_first, convert_first, alone)]
+    for y in outs[:2]:
+        torch.testing.assert_close(y, outs[2], rtol=0, atol=0)
+    grads = [torch.autograd.grad(y.square().sum(), m[0].weight)[0]
+             for y, m in zip(outs, (fuse_first, convert_first, alone))]
+    for g in grads[:2]:
+        torch.testing.assert_close(g, grads[2], rtol=0, atol=0)
+    torch.testing.assert_close(fuse_first[1].running_var, alone[1].running_var, rtol=0, atol=0)

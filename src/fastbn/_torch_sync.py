@@ -9,8 +9,6 @@ rejects any instance of it on the CPU; this class therefore derives from
 (:mod:`fastbn._sync`): exact merged statistics, bit-identical on every rank, one small
 collective per pass.
 """
-import warnings
-
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -19,8 +17,9 @@ from torch.autograd.function import once_differentiable
 from . import _sync, _torch_ops
 
 _DTYPES = (torch.float32, torch.float64)
-#: What convert_sync_batchnorm replaces: plain batch norms (fastbn's BatchNorm1d/2d/3d are
-#: subclasses of torch's) and torch's SyncBatchNorm; not layers with a fused activation.
+#: What convert_sync_batchnorm replaces by SyncBatchNorm: plain batch norms (fastbn's
+#: BatchNorm1d/2d/3d are subclasses of torch's) and torch's SyncBatchNorm. fastbn's fused
+#: layers (their ``_relu`` True) become SyncBatchNormReLU.
 _CONVERTED = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
               torch.nn.SyncBatchNorm)
 
@@ -76,7 +75,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, comm,
-                features):
+                features, relu):
         tensors = (x, weight, bias, running_mean, running_var)
         error = _unsupported(tensors) or _torch_ops.size_error(x, running_mean, running_var,
                                                                weight, bias)
@@ -85,13 +84,15 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             args = [_numpy(t) for t in tensors] + [y.numpy()]
         else:  # still takes part in the header collective, and raises there
             args = [None] * 6
+        activation = "relu" if relu else None
         result, mean64 = _sync.forward(comm, args[0], args[1], args[2], 1, args[3], args[4],
-                                       momentum, eps, None, args[5], None, local_error=error,
-                                       features=features)
+                                       momentum, eps, activation, args[5], None,
+                                       local_error=error, features=features)
         ctx.save_for_backward(x, weight, bias)
         ctx.stats = (mean64, result.invstd)
         ctx.comm = comm
         ctx.features = features
+        ctx.activation = activation
         return y
 
     @staticmethod
@@ -105,12 +106,13 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             dy = dy.to(x.dtype)
         _, dgamma, dbeta = _sync.backward(
             ctx.comm, None if error else _numpy(dy), _numpy(x), mean64, invstd, _numpy(weight),
-            _numpy(bias), 1, None, dx.numpy(), None, local_error=error, features=ctx.features)
+            _numpy(bias), 1, ctx.activation, dx.numpy(), None, local_error=error,
+            features=ctx.features)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         return (dx if need_x else None,
                 torch.from_numpy(dgamma).to(weight.dtype) if need_w else None,
                 torch.from_numpy(dbeta).to(bias.dtype) if need_b else None,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
@@ -153,6 +155,9 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     ['bias', 'num_batches_tracked', 'running_mean', 'running_var', 'weight']
     """
 
+    #: relu(batch_norm(x)) fused (SyncBatchNormReLU)
+    _relu = False
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, process_group=None, device=None, dtype=None, *,
                  bias=True):
@@ -190,26 +195,43 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
             if dist.get_world_size(group) < 2:
                 group = None
         if group is None:
-            from .torch import batch_norm  # fastbn's single-process kernels
+            from .torch import _batch_norm  # fastbn's single-process kernels
 
-            return batch_norm(input, running_mean, running_var, self.weight, self.bias,
-                              bn_training, factor, self.eps)
+            return _batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                               bn_training, factor, self.eps, self._relu)
         comm = TorchCommunicator(group)
         if getattr(self, "_features_agreed", None) != id(group):
             _agree_on_features(comm, self.num_features)
             self._features_agreed = id(group)
         return _SyncBatchNormFunction.apply(input, self.weight, self.bias, running_mean,
                                             running_var, float(factor), float(self.eps),
-                                            comm, self.num_features)
+                                            comm, self.num_features, self._relu)
+
+
+class SyncBatchNormReLU(SyncBatchNorm):
+    """``relu(SyncBatchNorm(x))`` fused: the global batch's statistics, the ReLU written in the
+    same pass, and a backward that recomputes the forward's mask from x (no output stored),
+    as :class:`BatchNormReLU2d` does on one process. Arguments, state and behaviour as
+    :class:`SyncBatchNorm`; :func:`convert_sync_batchnorm` makes one of each fused layer, and
+    :func:`fuse_relu` one of each SyncBatchNorm followed by a ReLU.
+
+    Examples
+    --------
+    >>> import torch, fastbn.torch
+    >>> bn = fastbn.torch.SyncBatchNormReLU(3)   # no process group: a plain fused layer
+    >>> bool((bn(torch.randn(8, 3, 4, 4)) >= 0).all())
+    True
+    """
+
+    _relu = True
 
 
 def convert_sync_batchnorm(module, process_group=None):
     """Replace every batch-norm layer of ``module`` by a :class:`SyncBatchNorm`, state kept.
 
-    BatchNorm1d/2d/3d (torch's and fastbn's) and ``torch.nn.SyncBatchNorm`` are replaced
-    (fastbn's BatchNormReLU layers are left alone, with a warning: their activation would be
-    lost; convert before :func:`fuse_relu`),
-    recursively, by :class:`SyncBatchNorm` layers sharing their parameters and buffers
+    BatchNorm1d/2d/3d (torch's and fastbn's) and ``torch.nn.SyncBatchNorm`` are replaced,
+    recursively, by :class:`SyncBatchNorm` layers (fastbn's fused BatchNormReLU layers by
+    :class:`SyncBatchNormReLU` ones) sharing their parameters and buffers
     (weight, bias, running statistics, num_batches_tracked) and train/eval mode, as
     ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` does. Call it before wrapping the model
     in DistributedDataParallel and before creating the optimizer.
@@ -234,27 +256,17 @@ def convert_sync_batchnorm(module, process_group=None):
     >>> type(net[1]).__name__
     'SyncBatchNorm'
     """
-    skipped = []
-    output = _convert(module, process_group, "", skipped)
-    if skipped:
-        warnings.warn(f"convert_sync_batchnorm left {len(skipped)} fused BatchNormReLU layer(s) "
-                      f"unsynchronized ({', '.join(skipped)}): they normalize with their own "
-                      f"process's batch statistics. Call convert_sync_batchnorm before "
-                      f"fuse_relu, which keeps synchronized layers unfused.", stacklevel=2)
-    return output
+    return _convert(module, process_group)
 
 
-def _convert(module, process_group, path, skipped):
-    """convert_sync_batchnorm of ``module`` (named ``path``); the names of fused layers it
-    leaves alone go to ``skipped``."""
-    if getattr(module, "_relu", False) is True:  # fastbn.torch's BatchNormReLU layers
-        skipped.append(path or type(module).__name__)
-        return module
+def _convert(module, process_group):
     output = module
-    if isinstance(module, _CONVERTED):
-        output = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats, process_group,
-                               bias=module.bias is not None)
+    fused = getattr(module, "_relu", False) is True and not isinstance(module, SyncBatchNorm)
+    if isinstance(module, _CONVERTED) or (
+            fused and isinstance(module, torch.nn.modules.batchnorm._BatchNorm)):
+        cls = SyncBatchNormReLU if fused else SyncBatchNorm
+        output = cls(module.num_features, module.eps, module.momentum, module.affine,
+                     module.track_running_stats, process_group, bias=module.bias is not None)
         if module.affine:
             with torch.no_grad():
                 output.weight = module.weight
@@ -266,7 +278,6 @@ def _convert(module, process_group, path, skipped):
         if hasattr(module, "qconfig"):
             output.qconfig = module.qconfig
     for name, child in module.named_children():
-        output.add_module(name, _convert(child, process_group,
-                                         f"{path}.{name}" if path else name, skipped))
+        output.add_module(name, _convert(child, process_group))
     del module
     return output

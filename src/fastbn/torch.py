@@ -8,6 +8,8 @@
 - :class:`BatchNormReLU1d`, :class:`BatchNormReLU2d`, :class:`BatchNormReLU3d`:
   ``relu(batch_norm(x))`` in one pass, with no mask stored for the backward.
 - :func:`fuse_relu`: every BatchNorm of a model whose output feeds only a ReLU made fused.
+- :class:`SyncBatchNorm`, :class:`SyncBatchNormReLU`, :func:`convert_sync_batchnorm`: the
+  statistics of a batch spread over a torch.distributed group (CPU, gloo), fused or not.
 
 Inputs may be float32, float64, float16 or bfloat16 (bfloat16 needs ``ml_dtypes``), with
 parameters and running statistics in any of these dtypes (PyTorch's kernel takes the input's,
@@ -15,7 +17,8 @@ or float32 for half input; fastbn computes in float32 or float64 alike); under `
 BatchNorm runs in its input's dtype, as PyTorch's does.
 
 Forward and backward hand fastbn the tensors' memory, so nothing is copied, for contiguous
-and ``channels_last`` tensors alike; outputs keep the input's memory format. Eager calls on
+and ``channels_last`` tensors alike; outputs and input gradients take the memory format
+PyTorch's kernel gives them (the input's, but contiguous for a transposed or permuted one). Eager calls on
 float32/float64 tensors go first to the compiled call path of the Cython extension (checks,
 plan and launch in C, on the tensors' data pointers); everything it does not serve (other
 dtypes, the Numba backend, invalid arguments) runs through fastbn's Python API on NumPy views
@@ -53,7 +56,7 @@ import torch.autograd.forward_ad as _forward_ad
 from . import api  # noqa: F401  (tests spy on fastbn.torch.api.forward)
 from . import _torch_fuse, _torch_ops
 from ._torch_ops import FLOATS, HALF, BatchNormArgumentError
-from ._torch_sync import SyncBatchNorm, convert_sync_batchnorm
+from ._torch_sync import SyncBatchNorm, SyncBatchNormReLU, convert_sync_batchnorm
 
 __all__ = [
     "batch_norm",
@@ -67,6 +70,7 @@ __all__ = [
     "BatchNormReLU3d",
     "fuse_relu",
     "SyncBatchNorm",
+    "SyncBatchNormReLU",
     "convert_sync_batchnorm",
 ]
 
@@ -312,7 +316,8 @@ _SWAPS = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
           torch.nn.BatchNorm3d: BatchNorm3d}
 _FUSED = {BatchNorm1d: BatchNormReLU1d, BatchNorm2d: BatchNormReLU2d,
           BatchNorm3d: BatchNormReLU3d, torch.nn.BatchNorm1d: BatchNormReLU1d,
-          torch.nn.BatchNorm2d: BatchNormReLU2d, torch.nn.BatchNorm3d: BatchNormReLU3d}
+          torch.nn.BatchNorm2d: BatchNormReLU2d, torch.nn.BatchNorm3d: BatchNormReLU3d,
+          SyncBatchNorm: SyncBatchNormReLU}
 
 
 def fuse_relu(model):
