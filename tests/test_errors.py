@@ -203,3 +203,21 @@ def test_left_out_beta_keeps_the_compiled_call_path():
     before = _cy_kernels.fast_path_calls()
     fastbn.backward(np.ones_like(x), x, mean, invstd)
     assert _cy_kernels.fast_path_calls() == before + 1
+
+
+@pytest.mark.parametrize("momentum,ok", [(np.float32(0.25), True), (np.array(0.25), True),
+                                         (np.array([0.25]), False), (True, False),
+                                         ("0.25", False), (None, False)],
+                         ids=["numpy-scalar", "0-d-array", "1-d-array", "bool", "str", "None"])
+def test_momentum_as_a_number_or_a_0d_array(momentum, ok):
+    """Real numbers and 0-d arrays of a real dtype are momentum values; anything else is a
+    TypeError naming momentum (JAX's 0-d arrays: tests/test_jax.py)."""
+    x = np.random.default_rng(7).normal(size=(6, 3))
+    rm, rv = np.zeros(3), np.ones(3)
+    if ok:
+        fastbn.forward(x, running_mean=rm, running_var=rv, momentum=momentum)
+        np.testing.assert_allclose(rm, 0.25 * x.mean(0))
+    else:
+        with pytest.raises(TypeError, match="momentum must be a real number"):
+            fastbn.forward(x, running_mean=rm, running_var=rv, momentum=momentum)
+        assert not rm.any()

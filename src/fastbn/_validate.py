@@ -173,9 +173,12 @@ def as_real(value, name):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if isinstance(value, numbers.Real):
         return float(value)
-    dtype = getattr(value, "dtype", None)
-    if getattr(value, "shape", None) == () and dtype is not None and (
-            np.dtype(dtype).kind in "fiu" or is_half(np.dtype(dtype))):
+    raw = getattr(value, "dtype", None)
+    try:  # (a torch dtype, say, is no NumPy one: then not a number here)
+        dtype = np.dtype(np.object_ if raw is None else raw)
+    except TypeError:
+        dtype = np.dtype(np.object_)
+    if getattr(value, "shape", None) == () and (dtype.kind in "fiu" or is_half(dtype)):
         try:
             return float(value)
         except Exception as exc:  # JAX's ConcretizationTypeError for a traced value
