@@ -181,15 +181,10 @@ class BatchNorm(nn.Module):
             scale = None if scale is None else jnp.asarray(scale, self.param_dtype)
             bias = None if bias is None else jnp.asarray(bias, self.param_dtype)
         out_dtype = _flax_dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
-        # Flax's batch statistics are in x's dtype (or ``dtype``), at least float32 with
-        # force_float32_reductions, and its update promotes the running ones to that
-        batch_dtype = jnp.result_type(x) if self.dtype is None else jnp.dtype(self.dtype)
-        if self.force_float32_reductions:
-            batch_dtype = jnp.promote_types(batch_dtype, jnp.float32)
-        updated_dtype = jnp.result_type(ra_mean.value, batch_dtype)
         # Flax computes in at least float32 (its statistics are float32) and casts at the end
         compute_dtype = jnp.result_type(x.dtype, stats_dtype, *(
             p.dtype for p in (scale, bias) if p is not None))
+        x_dtype = jnp.result_type(x)  # (Flax's batch statistics follow it, not compute_dtype)
         x = jnp.asarray(x, compute_dtype)
         axis = feature_axes[0]
         update = decay_convention(self.momentum)
@@ -212,6 +207,12 @@ class BatchNorm(nn.Module):
         elif initializing:  # Flax leaves the running statistics alone in init
             y = _fastbn_jax.batch_norm(x, scale, bias, axis=axis, eps=self.epsilon).y
         else:
+            # Flax's batch statistics are in x's dtype (or ``dtype``), at least float32 with
+            # force_float32_reductions, and its update promotes the running ones to that
+            batch_dtype = x_dtype if self.dtype is None else jnp.dtype(self.dtype)
+            if self.force_float32_reductions:
+                batch_dtype = jnp.promote_types(batch_dtype, jnp.float32)
+            updated_dtype = jnp.result_type(ra_mean.value, batch_dtype)
             y, ra_mean.value, ra_var.value = _fastbn_jax.batch_norm(
                 x, scale, bias, axis=axis, running_mean=ra_mean.value.astype(updated_dtype),
                 running_var=ra_var.value.astype(updated_dtype), momentum=update.momentum,
