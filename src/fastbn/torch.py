@@ -18,15 +18,16 @@ BatchNorm runs in its input's dtype, as PyTorch's does.
 
 Forward and backward hand fastbn the tensors' memory, so nothing is copied, for contiguous
 and ``channels_last`` tensors alike; outputs and input gradients take the memory format
-PyTorch's kernel gives them (the input's, but contiguous for a transposed or permuted one). Eager calls on
-float32/float64 tensors go first to the compiled call path of the Cython extension (checks,
-plan and launch in C, on the tensors' data pointers); everything it does not serve (other
-dtypes, the Numba backend, invalid arguments) runs through fastbn's Python API on NumPy views
-of the tensors. Both are also registered as the custom operators ``fastbn::batch_norm``,
-``fastbn::batch_norm_backward`` and ``fastbn::update_running`` (:mod:`fastbn._torch_ops`),
-which ``torch.compile`` (no graph break), ``torch.export`` and ``torch.jit.trace`` record
-whole; eager calls run the same code without the dispatcher's cost. ``torch.jit.script``
-cannot compile these modules (their forward is Python that TorchScript does not take).
+PyTorch's kernel gives them (the input's, but contiguous for a transposed or permuted one).
+Eager calls on float32/float64 tensors go first to the compiled call path of the Cython
+extension (checks, plan and launch in C, on the tensors' data pointers); everything it does
+not serve (other dtypes, the Numba backend, invalid arguments) runs through fastbn's Python
+API on NumPy views of the tensors. Both are also registered as the custom operators
+``fastbn::batch_norm``, ``fastbn::batch_norm_backward`` and ``fastbn::update_running``
+(:mod:`fastbn._torch_ops`), which ``torch.compile`` (no graph break), ``torch.export`` and
+``torch.jit.trace`` record whole; eager calls run the same code without the dispatcher's
+cost. ``torch.jit.script`` cannot compile these modules (their forward is Python that
+TorchScript does not take).
 
 Edge cases behave as PyTorch's: an empty batch gives an empty output, zero gradients and
 untouched running statistics; momentum may be any number in training and is ignored in eval;
